@@ -1,0 +1,193 @@
+"""Decode role, worker side: load prompts' KV from prefill instances.
+
+Each ``LoadSpec`` from the scheduler becomes one job on a small thread pool:
+handshake with the prefill worker (once per peer, cached), read the blocks through
+the transport within the request's deadline, then release the prefill instance's
+lease whatever happened. The engine thread collects results each step; a failed
+load is reported so vLLM recomputes the prompt. Nothing waits without a deadline.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from pd.transfer.layout import LayoutError
+from pd.transfer.messages import Welcome
+from pd.transfer.metadata import LoadSpec
+from pd.transfer.side_channel import HandshakeError, SideChannelClient
+from pd.transfer.stats import TransferCounters
+from pd.transfer.transport.base import KVTransport, TransferError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadResults:
+    finished: set[str] = field(default_factory=set)
+    failed: set[str] = field(default_factory=set)
+
+
+class KVConsumer:
+    def __init__(
+        self,
+        engine_id: str,
+        tp_rank: int,
+        transport: KVTransport,
+        transfer_timeout_s: float,
+        handshake_timeout_s: float,
+        max_concurrent_transfers: int,
+        counters: TransferCounters,
+    ) -> None:
+        self._tp_rank = tp_rank
+        self._transport = transport
+        self._transfer_timeout_s = transfer_timeout_s
+        self._handshake_timeout_s = handshake_timeout_s
+        self._max_concurrent_transfers = max_concurrent_transfers
+        self._counters = counters
+        self._engine_id = engine_id
+        self._side_channel: SideChannelClient | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._peers: dict[tuple[str, str, int], Welcome] = {}
+        self._peers_lock = threading.Lock()
+        self._results: queue.SimpleQueue[tuple[str, bool]] = queue.SimpleQueue()
+
+    def start(self) -> None:
+        self._side_channel = SideChannelClient(self._engine_id)
+        self._pool = ThreadPoolExecutor(
+            self._max_concurrent_transfers, thread_name_prefix="pd-kv-load"
+        )
+
+    def submit(self, loads: list[LoadSpec]) -> None:
+        """Start loads in the background. Called on the engine thread, once per step."""
+        assert self._pool is not None, "start() first"
+        now = time.monotonic()
+        for spec in loads:
+            # The deadline counts from now: time queued behind other loads counts too.
+            self._pool.submit(self._run, spec, now + self._transfer_timeout_s)
+
+    def take_results(self) -> LoadResults:
+        """Loads that ended since the last call. ``failed`` is a subset of ``finished``."""
+        results = LoadResults()
+        while True:
+            try:
+                request_id, ok = self._results.get_nowait()
+            except queue.Empty:
+                return results
+            results.finished.add(request_id)
+            if not ok:
+                results.failed.add(request_id)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        if self._side_channel is not None:
+            self._side_channel.close()
+            self._side_channel = None
+
+    # --- one load, on a pool thread -------------------------------------------------------
+
+    def _run(self, spec: LoadSpec, deadline: float) -> None:
+        started = time.monotonic()
+        ok, nbytes = False, 0
+        try:
+            nbytes = self._load(spec, deadline)
+            ok = True
+        except (HandshakeError, TransferError, LayoutError, ValueError) as e:
+            logger.warning(
+                "pd: KV load of %s from %s failed (%s); recomputing the prompt",
+                spec.request_id,
+                spec.remote_host or "<no address>",
+                e,
+            )
+            if isinstance(e, HandshakeError):
+                self._counters.add(handshake_failures=1)
+        except Exception:
+            logger.exception("pd: KV load of %s crashed; recomputing the prompt", spec.request_id)
+        finally:
+            self._release(spec, ok, nbytes)
+        if spec.reports_completion:
+            if ok:
+                self._counters.add(
+                    transfers=1, blocks_received=len(spec.local_block_ids), bytes_received=nbytes
+                )
+                self._counters.observe(transfer_seconds=time.monotonic() - started)
+            else:
+                self._counters.add(transfer_failures=1)
+            self._results.put((spec.request_id, ok))
+
+    def _load(self, spec: LoadSpec, deadline: float) -> int:
+        if not spec.remote_host:
+            raise ValueError("no prefill address in kv_transfer_params")
+        if not spec.local_block_ids:
+            return 0
+        port = self._port_of(spec)
+        peer = self._peer(spec.remote_engine_id, spec.remote_host, port, deadline)
+        return self._transport.read_blocks(
+            peer.transport_metadata,
+            spec.remote_request_id,
+            list(spec.remote_block_ids),
+            list(spec.local_block_ids),
+            deadline,
+        )
+
+    def _port_of(self, spec: LoadSpec) -> int:
+        if len(spec.remote_ports) <= self._tp_rank:
+            raise ValueError(
+                f"prefill instance has {len(spec.remote_ports)} TP rank(s), this worker is "
+                f"rank {self._tp_rank}: prefill and decode need the same tensor-parallel size"
+            )
+        return spec.remote_ports[self._tp_rank]
+
+    def _peer(self, engine_id: str, host: str, port: int, deadline: float) -> Welcome:
+        key = (engine_id, host, port)
+        with self._peers_lock:
+            known = self._peers.get(key)
+        if known is not None:
+            return known
+        assert self._side_channel is not None
+        handshake_deadline = min(deadline, time.monotonic() + self._handshake_timeout_s)
+        welcome = self._side_channel.handshake(host, port, handshake_deadline)
+        if welcome.engine_id != engine_id:
+            raise HandshakeError(
+                f"{host}:{port} is engine {welcome.engine_id}, expected {engine_id} "
+                "(the prefill instance restarted?)"
+            )
+        if welcome.transport != self._transport.name:
+            raise HandshakeError(
+                f"{host}:{port} serves transport {welcome.transport!r}, this decode "
+                f"instance uses {self._transport.name!r}"
+            )
+        self._transport.layout.check_compatible(welcome.layout)
+        logger.info(
+            "pd: connected to prefill engine %s rank %d at %s:%d over %s",
+            engine_id,
+            welcome.tp_rank,
+            host,
+            port,
+            welcome.transport,
+        )
+        with self._peers_lock:
+            self._peers[key] = welcome
+        return welcome
+
+    def _release(self, spec: LoadSpec, loaded: bool, nbytes: int) -> None:
+        if not spec.remote_host or not spec.remote_ports or self._side_channel is None:
+            return
+        try:
+            port = self._port_of(spec)
+        except ValueError:
+            return
+        self._side_channel.release(
+            spec.remote_host,
+            port,
+            spec.remote_request_id,
+            loaded,
+            num_blocks=len(spec.local_block_ids) if loaded else 0,
+            nbytes=nbytes,
+        )

@@ -1,0 +1,85 @@
+"""Decode role, scheduler side: tell vLLM the prompt's KV comes from a prefill instance.
+
+Request lifecycle on a decode instance:
+1. The proxy sends the original request plus the prefill instance's
+   ``kv_transfer_params`` (``do_remote_prefill: true``, where the blocks are).
+2. ``get_num_new_matched_tokens`` reports every prompt token the local prefix cache
+   lacks as external and asynchronous; vLLM allocates blocks and parks the request.
+3. ``update_state_after_alloc`` records which local blocks to fill from which remote
+   blocks; the next step's metadata hands the load to the workers
+   (``pd.decode.kv_consumer``).
+4. The workers report the request in ``finished_recving`` (and in
+   ``failed_recving`` on failure, which makes vLLM recompute the prompt). vLLM then
+   computes the last prompt token itself and decodes.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from pd.transfer.metadata import LoadSpec, load_spec_from_params
+
+if TYPE_CHECKING:
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.request import Request
+
+logger = logging.getLogger(__name__)
+
+
+class DecodeScheduler:
+    def __init__(self) -> None:
+        self._loads: list[LoadSpec] = []
+
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int, bool]:
+        params = request.kv_transfer_params
+        if not params or not params.get("do_remote_prefill"):
+            return 0, False
+        count = len(request.prompt_token_ids or []) - num_computed_tokens
+        return (count, True) if count > 0 else (0, False)
+
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
+        params = request.kv_transfer_params
+        if not params or not params.get("do_remote_prefill"):
+            return
+        params["do_remote_prefill"] = False  # load once, even if called again
+        local_block_ids = blocks.get_unhashed_block_ids() if num_external_tokens > 0 else []
+        self._add_load(request, params, local_block_ids, num_external_tokens > 0)
+
+    def request_finished(self, request: Request) -> None:
+        """A request finished before its load was scheduled (an abort): release the lease."""
+        params = request.kv_transfer_params
+        if params and params.get("do_remote_prefill"):
+            params["do_remote_prefill"] = False
+            self._add_load(request, params, [], reports_completion=False)
+
+    def take_loads(self) -> list[LoadSpec]:
+        loads, self._loads = self._loads, []
+        return loads
+
+    def _add_load(
+        self, request: Request, params: dict, local_block_ids: list[int], reports_completion: bool
+    ) -> None:
+        try:
+            spec = load_spec_from_params(
+                request.request_id, params, local_block_ids, reports_completion
+            )
+        except ValueError as e:
+            # Without a usable address nothing can be loaded or released; if vLLM
+            # waits for this load, the worker reports it failed (recompute).
+            logger.warning("pd: request %s: %s; recomputing its prompt", request.request_id, e)
+            spec = LoadSpec(
+                request_id=request.request_id,
+                remote_request_id="",
+                remote_engine_id="",
+                remote_host="",
+                remote_ports=(),
+                remote_block_ids=(),
+                local_block_ids=tuple(local_block_ids),
+                reports_completion=reports_completion,
+            )
+        self._loads.append(spec)

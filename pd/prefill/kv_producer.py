@@ -1,0 +1,82 @@
+"""Prefill role, worker side: serve leased blocks to decode instances.
+
+Owns the lease table, the side-channel server (handshakes and releases) and the
+serving half of the transport. The engine thread grants leases from each step's
+metadata and collects ended leases for vLLM to free; everything else runs on the
+side-channel and transport threads.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from pd.transfer.lease import LeaseTable
+from pd.transfer.messages import PROTOCOL_VERSION, Welcome
+from pd.transfer.side_channel import SideChannelServer
+from pd.transfer.stats import TransferCounters
+from pd.transfer.transport.base import KVTransport
+
+logger = logging.getLogger(__name__)
+
+
+class KVProducer:
+    def __init__(
+        self,
+        engine_id: str,
+        tp_rank: int,
+        transport: KVTransport,
+        host: str,
+        side_channel_port: int,
+        lease_timeout_s: float,
+        counters: TransferCounters,
+    ) -> None:
+        self.leases = LeaseTable(lease_timeout_s)
+        self._counters = counters
+        self._transport = transport
+        self._engine_id = engine_id
+        self._tp_rank = tp_rank
+        self._host = host
+        self._side_channel_port = side_channel_port
+        self._side_channel: SideChannelServer | None = None
+
+    def start(self) -> None:
+        self._transport.start(self.leases.covers)
+        welcome = Welcome(
+            protocol_version=PROTOCOL_VERSION,
+            engine_id=self._engine_id,
+            tp_rank=self._tp_rank,
+            layout=self._transport.layout.spec(),
+            transport=self._transport.name,
+            transport_metadata=self._transport.metadata(),
+        )
+        self._side_channel = SideChannelServer(
+            self._host, self._side_channel_port, welcome, self.leases, self._counters
+        )
+        self._side_channel.start()
+
+    @property
+    def side_channel_port(self) -> int:
+        assert self._side_channel is not None and self._side_channel.port is not None
+        return self._side_channel.port
+
+    def grant(self, leases: dict[str, list[int]]) -> None:
+        for request_id, block_ids in leases.items():
+            self.leases.grant(request_id, block_ids)
+        if leases:
+            self._counters.add(leases_granted=len(leases))
+
+    def take_finished_sending(self) -> set[str]:
+        """Requests whose blocks vLLM may free now: released or expired leases."""
+        ended = self.leases.take_ended()
+        if ended.expired:
+            logger.warning(
+                "pd: %d lease(s) expired unclaimed, blocks freed: %s",
+                len(ended.expired),
+                ended.expired[:8],
+            )
+        self._counters.add(leases_released=len(ended.released), leases_expired=len(ended.expired))
+        return {*ended.released, *ended.expired}
+
+    def close(self) -> None:
+        if self._side_channel is not None:
+            self._side_channel.close()

@@ -1,0 +1,87 @@
+"""Typed messages between pd's scheduler-side and worker-side connector halves.
+
+``PDConnectorMetadata`` goes scheduler -> workers once per engine step;
+``PDHandshakeMetadata`` goes workers -> scheduler once at start-up (vLLM collects it
+with ``get_handshake_metadata`` and hands it to ``set_xfer_handshake_metadata``).
+``kv_transfer_params`` keys are vLLM's disaggregation protocol, shared with the proxy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorHandshakeMetadata,
+    KVConnectorMetadata,
+)
+
+
+@dataclass(frozen=True)
+class PDHandshakeMetadata(KVConnectorHandshakeMetadata):
+    """Where one prefill worker (one TP rank) serves its side channel."""
+
+    host: str
+    side_channel_port: int
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    """One decode-side load: read ``remote_block_ids`` into ``local_block_ids``.
+
+    An empty ``local_block_ids`` (decode's prefix cache already held everything) only
+    releases the prefill instance's lease.
+    """
+
+    request_id: str
+    remote_request_id: str
+    remote_engine_id: str
+    remote_host: str
+    remote_ports: tuple[int, ...]  # side-channel port per prefill TP rank
+    remote_block_ids: tuple[int, ...]
+    local_block_ids: tuple[int, ...]
+    reports_completion: bool  # the scheduler waits for this request's load to finish
+
+
+@dataclass
+class PDConnectorMetadata(KVConnectorMetadata):
+    leases: dict[str, list[int]] = field(default_factory=dict)
+    """Prefill side: requests whose blocks are now held for a decode instance."""
+    loads: list[LoadSpec] = field(default_factory=list)
+    """Decode side: loads to start this step."""
+
+
+def load_spec_from_params(
+    request_id: str, params: dict[str, Any], local_block_ids: list[int], reports_completion: bool
+) -> LoadSpec:
+    """Build a ``LoadSpec`` from a prefill instance's ``kv_transfer_params``.
+
+    Raises ``ValueError`` naming the first missing or malformed key.
+    """
+    try:
+        ports = params.get("remote_ports") or [params["remote_port"]]
+        remote_block_ids = [int(b) for b in params["remote_block_ids"]]
+        # Decode's own prefix cache holds the leading blocks: pull only the tail.
+        if local_block_ids:
+            if len(local_block_ids) > len(remote_block_ids):
+                raise ValueError(
+                    f"{len(local_block_ids)} blocks to load but the prefill instance "
+                    f"holds {len(remote_block_ids)}"
+                )
+            remote_block_ids = remote_block_ids[len(remote_block_ids) - len(local_block_ids) :]
+        else:
+            remote_block_ids = []
+        return LoadSpec(
+            request_id=request_id,
+            remote_request_id=str(params["remote_request_id"]),
+            remote_engine_id=str(params["remote_engine_id"]),
+            remote_host=str(params["remote_host"]),
+            remote_ports=tuple(int(p) for p in ports),
+            remote_block_ids=tuple(remote_block_ids),
+            local_block_ids=tuple(local_block_ids),
+            reports_completion=reports_completion,
+        )
+    except KeyError as e:
+        raise ValueError(f"kv_transfer_params lacks {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"malformed kv_transfer_params: {e}") from None

@@ -1,0 +1,142 @@
+"""Connector statistics: counted on each worker, summed by vLLM, exported to Prometheus.
+
+Workers count into a ``TransferCounters`` (thread-safe); each engine step vLLM asks
+for a snapshot (``PDConnectorStats``), aggregates snapshots across workers and steps,
+logs ``reduce()`` periodically and feeds ``PDPromMetrics.observe``. The Prometheus
+names all start with ``vllm:pd_kv_`` and appear on vLLM's own ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
+    KVConnectorPromMetrics,
+    KVConnectorStats,
+    PromMetric,
+    PromMetricT,
+)
+
+# name -> help text. Counters are summed when snapshots aggregate.
+COUNTERS: dict[str, str] = {
+    "transfers": "KV loads completed by this decode instance",
+    "transfer_failures": "KV loads that failed (the prompt was recomputed instead)",
+    "handshake_failures": "handshakes with a prefill instance that failed",
+    "blocks_received": "KV blocks loaded from prefill instances",
+    "bytes_received": "KV bytes loaded from prefill instances",
+    "leases_granted": "requests whose KV blocks were held for a decode instance",
+    "leases_released": "leases ended by the decode instance",
+    "leases_expired": "leases that expired unclaimed (blocks freed)",
+    "blocks_sent": "KV blocks read by decode instances",
+    "bytes_sent": "KV bytes read by decode instances",
+}
+# name -> help text. Samples are concatenated when snapshots aggregate.
+SAMPLES: dict[str, str] = {
+    "transfer_seconds": "duration of one request's KV load, handshake included",
+}
+
+
+def _empty() -> dict[str, Any]:
+    return {**{name: 0 for name in COUNTERS}, **{name: [] for name in SAMPLES}}
+
+
+@dataclass
+class PDConnectorStats(KVConnectorStats):
+    data: dict[str, Any] = field(default_factory=_empty)
+
+    def reset(self) -> None:
+        self.data = _empty()
+
+    def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
+        for name in COUNTERS:
+            self.data[name] = self.data.get(name, 0) + other.data.get(name, 0)
+        for name in SAMPLES:
+            self.data[name] = [*self.data.get(name, []), *other.data.get(name, [])]
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        summary: dict[str, int | float] = {
+            name: self.data.get(name, 0) for name in COUNTERS if self.data.get(name, 0)
+        }
+        seconds = self.data.get("transfer_seconds", [])
+        if seconds:
+            summary["avg_transfer_ms"] = round(1000 * sum(seconds) / len(seconds), 3)
+            total_s = sum(seconds)
+            if total_s > 0:
+                summary["throughput_MBps"] = round(
+                    self.data.get("bytes_received", 0) / total_s / 1e6, 1
+                )
+        return summary
+
+    def is_empty(self) -> bool:
+        return not any(self.data.get(name) for name in (*COUNTERS, *SAMPLES))
+
+
+class TransferCounters:
+    """What one worker counts between two snapshots. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._data = _empty()
+
+    def add(self, **counts: int) -> None:
+        with self._lock:
+            for name, value in counts.items():
+                self._data[name] += value
+
+    def observe(self, **samples: float) -> None:
+        with self._lock:
+            for name, value in samples.items():
+                self._data[name].append(value)
+
+    def snapshot(self) -> PDConnectorStats | None:
+        """Everything counted since the last snapshot, or None if nothing was."""
+        with self._lock:
+            data, self._data = self._data, _empty()
+        stats = PDConnectorStats(data=data)
+        return None if stats.is_empty() else stats
+
+
+class PDPromMetrics(KVConnectorPromMetrics):
+    def __init__(
+        self,
+        vllm_config,
+        metric_types: dict[type[PromMetric], type[PromMetricT]],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> None:
+        from vllm.v1.metrics.utils import create_metric_per_engine
+
+        super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+        self._counters = {
+            name: create_metric_per_engine(
+                self._counter_cls(
+                    name=f"vllm:pd_kv_{name}", documentation=doc, labelnames=labelnames
+                ),
+                per_engine_labelvalues,
+            )
+            for name, doc in COUNTERS.items()
+        }
+        self._histograms = {
+            name: create_metric_per_engine(
+                self._histogram_cls(
+                    name=f"vllm:pd_kv_{name}",
+                    documentation=doc,
+                    labelnames=labelnames,
+                    buckets=[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5],
+                ),
+                per_engine_labelvalues,
+            )
+            for name, doc in SAMPLES.items()
+        }
+
+    def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
+        for name, per_engine in self._counters.items():
+            value = transfer_stats_data.get(name, 0)
+            if value:
+                per_engine[engine_idx].inc(value)
+        for name, per_engine in self._histograms.items():
+            for sample in transfer_stats_data.get(name, []):
+                per_engine[engine_idx].observe(sample)

@@ -1,0 +1,69 @@
+"""The transport interface: how block bytes move from a prefill worker to a decode worker.
+
+A transport only registers memory and moves blocks. Handshakes, leases, releases and
+retries around failures live above it (``pd.transfer.side_channel``,
+``pd.prefill.kv_producer``, ``pd.decode.kv_consumer``) and are written once for all
+transports.
+
+Lifecycle, per worker: ``__init__`` (no threads, no sockets) -> ``start`` once after
+vLLM registered its KV cache -> ``read_blocks`` from any number of threads ->
+``close`` once.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import ClassVar
+
+from pd.transfer.layout import KVCacheLayout
+
+# Asked by a serving transport before it hands out a request's blocks: True when the
+# request's lease covers them, False when it does not, None when no lease exists (yet).
+BlockAuthorizer = Callable[[str, list[int]], bool | None]
+
+TransportMetadata = dict[str, str | int]
+
+
+class TransferError(RuntimeError):
+    """A block read failed or missed its deadline. The caller recomputes instead."""
+
+
+class KVTransport(ABC):
+    name: ClassVar[str]
+
+    def __init__(self, layout: KVCacheLayout, host: str) -> None:
+        self.layout = layout
+        self.host = host
+
+    @abstractmethod
+    def start(self, authorize: BlockAuthorizer) -> None:
+        """Start serving this worker's blocks. Called once, on the engine thread.
+
+        ``authorize`` guards every read a peer asks this worker to serve.
+        """
+
+    @abstractmethod
+    def metadata(self) -> TransportMetadata:
+        """What a peer needs to read from this worker; sent in the handshake."""
+
+    @abstractmethod
+    def read_blocks(
+        self,
+        peer: TransportMetadata,
+        request_id: str,
+        src_block_ids: list[int],
+        dst_block_ids: list[int],
+        deadline: float,
+    ) -> int:
+        """Copy the peer's ``src_block_ids`` of every region into our ``dst_block_ids``.
+
+        Called from decode-side transfer threads, concurrently for different requests.
+        Blocks until done or until ``deadline`` (``time.monotonic()`` seconds) and
+        returns the bytes moved. Raises ``TransferError`` on any failure; the
+        destination blocks' contents are then undefined.
+        """
+
+    @abstractmethod
+    def close(self) -> None:
+        """Stop serving and release sockets and registrations. Idempotent."""

@@ -1,0 +1,124 @@
+"""Worker-side half of PDConnector: one per vLLM worker (one per TP rank).
+
+Built when vLLM registers its KV cache: describes the cache as regions
+(``layout``), creates the transport, and runs the prefill role's producer and the
+decode role's consumer as the instance's ``kv_role`` asks.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from pd.decode.kv_consumer import KVConsumer
+from pd.prefill.kv_producer import KVProducer
+from pd.transfer.config import PDConnectorConfig
+from pd.transfer.layout import KVCacheLayout
+from pd.transfer.metadata import PDConnectorMetadata, PDHandshakeMetadata
+from pd.transfer.stats import PDConnectorStats, TransferCounters
+from pd.transfer.transport import KVTransport, get_transport_class
+
+logger = logging.getLogger(__name__)
+
+
+class PDWorker:
+    def __init__(
+        self,
+        config: PDConnectorConfig,
+        transport_name: str,
+        engine_id: str,
+        tp_rank: int,
+        num_blocks: int,
+        block_size: int,
+        is_producer: bool,
+        is_consumer: bool,
+    ) -> None:
+        self._config = config
+        self._transport_name = transport_name
+        self._engine_id = engine_id
+        self._tp_rank = tp_rank
+        self._num_blocks = num_blocks
+        self._block_size = block_size
+        self._is_producer = is_producer
+        self._is_consumer = is_consumer
+        self.counters = TransferCounters()
+        self._transport: KVTransport | None = None
+        self._producer: KVProducer | None = None
+        self._consumer: KVConsumer | None = None
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        layout = KVCacheLayout.from_kv_caches(kv_caches, self._num_blocks, self._block_size)
+        first = next(iter(kv_caches.values()))
+        logger.info(
+            "pd: KV cache of %d layers (%s, shape %s, strides %s) -> %d regions of %d blocks, "
+            "%d bytes per block id; transport %s",
+            len(kv_caches),
+            first.dtype,
+            tuple(first.shape),
+            first.stride(),
+            len(layout.regions),
+            self._num_blocks,
+            layout.bytes_per_block,
+            self._transport_name,
+        )
+        self._transport = get_transport_class(self._transport_name)(layout, self._config.host)
+        # The transport serves reads for any role: a consumer simply never grants leases.
+        self._producer = KVProducer(
+            engine_id=self._engine_id,
+            tp_rank=self._tp_rank,
+            transport=self._transport,
+            host=self._config.host,
+            side_channel_port=self._config.side_channel_port + self._tp_rank
+            if self._config.side_channel_port
+            else 0,
+            lease_timeout_s=self._config.lease_timeout_s,
+            counters=self.counters,
+        )
+        self._producer.start()
+        if self._is_consumer:
+            self._consumer = KVConsumer(
+                engine_id=self._engine_id,
+                tp_rank=self._tp_rank,
+                transport=self._transport,
+                transfer_timeout_s=self._config.transfer_timeout_s,
+                handshake_timeout_s=self._config.handshake_timeout_s,
+                max_concurrent_transfers=self._config.max_concurrent_transfers,
+                counters=self.counters,
+            )
+            self._consumer.start()
+
+    def handshake_metadata(self) -> PDHandshakeMetadata | None:
+        if self._producer is None:
+            return None
+        return PDHandshakeMetadata(
+            host=self._config.host, side_channel_port=self._producer.side_channel_port
+        )
+
+    def start_step(self, metadata: PDConnectorMetadata) -> None:
+        """Apply one step's metadata: grant new leases, start new loads."""
+        if metadata.leases:
+            assert self._producer is not None
+            self._producer.grant(metadata.leases)
+        if metadata.loads:
+            assert self._consumer is not None, "loads scheduled on an instance without kv_consumer"
+            self._consumer.submit(metadata.loads)
+
+    def transfer_results(self) -> tuple[set[str], set[str], set[str]]:
+        """(finished_sending, finished_recving, failed_recving) since the last call."""
+        sending = self._producer.take_finished_sending() if self._producer else set()
+        if self._consumer is None:
+            return sending, set(), set()
+        loads = self._consumer.take_results()
+        return sending, loads.finished, loads.failed
+
+    def stats(self) -> PDConnectorStats | None:
+        return self.counters.snapshot()
+
+    def close(self) -> None:
+        if self._consumer is not None:
+            self._consumer.close()
+        if self._producer is not None:
+            self._producer.close()
+        if self._transport is not None:
+            self._transport.close()
