@@ -139,14 +139,15 @@ def _regions_of(name: str, tensor: torch.Tensor, num_blocks: int) -> list[KVRegi
 
 
 def _find_block_dim(name: str, tensor: torch.Tensor, num_blocks: int) -> int:
-    candidates = [d for d, size in enumerate(tensor.shape) if size == num_blocks]
-    if not candidates:
+    # vLLM puts the block dimension first, or second behind a K/V split of 2.
+    candidates = [d for d in (0, 1) if d < tensor.dim() and tensor.shape[d] == num_blocks]
+    if len(candidates) != 1:
+        problem = "no" if not candidates else "more than one"
         raise LayoutError(
-            f"layer {name}: no dimension of shape {tuple(tensor.shape)} has num_blocks={num_blocks}"
+            f"layer {name}: {problem} candidate block dimension (0 or 1) in shape "
+            f"{tuple(tensor.shape)} for num_blocks={num_blocks}"
         )
-    # Ambiguity only arises for tiny caches (num_blocks == 2 == the K/V dim): vLLM puts
-    # the K/V split first, so the later candidate is the block dimension.
-    return candidates[-1] if len(candidates) > 1 and tensor.shape[0] == 2 else candidates[0]
+    return candidates[0]
 
 
 def block_runs(block_ids: list[int]) -> list[tuple[int, int, int]]:

@@ -1,9 +1,11 @@
 """ZMQ over TCP: works anywhere TCP does.
 
 Prefill side: one ROUTER socket on a free port, served by one thread. A ``ReadBlocks``
-for leased blocks is answered with a ``BlocksHeader`` and then one message per
-(region, run of consecutive block ids). On the CPU each data frame is a view of
-vLLM's KV cache itself, sent zero-copy; device memory is staged through host memory.
+for leased blocks is answered with a ``BlocksHeader`` and then one message per KV
+region holding the requested blocks in request order. On the CPU each frame is a
+view of vLLM's KV cache itself, one per run of consecutive block ids, sent
+zero-copy (a badly fragmented request is gathered into one frame instead); device
+memory is staged through host memory.
 
 Decode side: each transfer thread keeps one DEALER socket per prefill worker. It
 scatters every data message into its own blocks as soon as it arrives, so copying
@@ -37,6 +39,8 @@ _POLL_INTERVAL_MS = 100
 # A lease not granted yet (the prefill engine's next step is still to come) is asked
 # for again after this long, doubling up to the cap, until the deadline.
 _NOT_READY_BACKOFF_S = (0.002, 0.05)
+# Above this many runs of consecutive block ids, a region travels as one gathered frame.
+_MAX_FRAMES_PER_REGION = 16
 
 
 class ZmqTransport(KVTransport):
@@ -133,13 +137,10 @@ class ZmqTransport(KVTransport):
 
         runs = block_runs(request.block_ids)
         tag = request.transfer_id.encode()
-        router.send_multipart(
-            [identity, header("ok", num_frames=len(runs) * len(self.layout.regions))]
-        )
+        router.send_multipart([identity, header("ok", num_frames=len(self.layout.regions))])
         for region in self.layout.regions:
-            for _, first, length in runs:
-                frame = _host_bytes(region, first, length)
-                router.send_multipart([identity, tag, frame], copy=False)
+            frames = _region_frames(region, runs)
+            router.send_multipart([identity, tag, *frames], copy=False)
 
     # --- decode side --------------------------------------------------------------------
 
@@ -190,22 +191,26 @@ class ZmqTransport(KVTransport):
             backoff_s = min(backoff_s * 2, _NOT_READY_BACKOFF_S[1])
             sock.send(ask)
 
-        runs = block_runs(src_block_ids)
-        expected = len(runs) * len(self.layout.regions)
+        expected = len(self.layout.regions)
         if header.num_frames != expected:
-            raise TransferError(f"expected {expected} frames, peer announced {header.num_frames}")
+            raise TransferError(f"expected {expected} regions, peer announced {header.num_frames}")
         tag = transfer_id.encode()
         nbytes = 0
         for region in self.layout.regions:
-            for position, _, length in runs:
-                frames = _recv_until(sock, deadline)
-                if len(frames) != 2 or frames[0].bytes != tag:
-                    raise TransferError("unexpected message in the middle of a transfer")
-                data = frames[1].buffer
-                if len(data) != length * region.block_nbytes:
-                    raise TransferError(f"{region.name}: got {len(data)} bytes for {length} blocks")
-                _scatter(region, data, dst_block_ids[position : position + length])
+            frames = _recv_until(sock, deadline)
+            if len(frames) < 2 or frames[0].bytes != tag:
+                raise TransferError("unexpected message in the middle of a transfer")
+            position = 0
+            for frame in frames[1:]:
+                data = frame.buffer
+                count, rest = divmod(len(data), region.block_nbytes)
+                if rest or position + count > len(dst_block_ids):
+                    raise TransferError(f"{region.name}: {len(data)} bytes do not fit the blocks")
+                _scatter(region, data, dst_block_ids[position : position + count])
+                position += count
                 nbytes += len(data)
+            if position != len(dst_block_ids):
+                raise TransferError(f"{region.name}: got {position} of {len(dst_block_ids)} blocks")
         return nbytes
 
     def _socket_for(self, endpoint: str) -> zmq.Socket:
@@ -230,9 +235,22 @@ class ZmqTransport(KVTransport):
             sock.close(linger=0)
 
 
-def _host_bytes(region: KVRegion, first: int, length: int):
-    """Bytes of blocks ``first .. first+length-1`` as a buffer zmq can send."""
-    rows = region.blocks[first : first + length]
+def _region_frames(region: KVRegion, runs: list[tuple[int, int, int]]) -> list:
+    """A region's requested blocks, in request order, as buffers zmq can send.
+
+    One zero-copy view per run of consecutive ids; a fragmented request (many short
+    runs) is gathered into one buffer instead, as thousands of frames cost more.
+    """
+    if len(runs) <= _MAX_FRAMES_PER_REGION:
+        return [_host_bytes(region.blocks[first : first + length]) for _, first, length in runs]
+    num_blocks = sum(length for _, _, length in runs)
+    gathered = torch.empty((num_blocks, region.block_nbytes), dtype=torch.uint8)
+    for position, first, length in runs:
+        gathered[position : position + length].copy_(region.blocks[first : first + length])
+    return [gathered.numpy()]
+
+
+def _host_bytes(rows: torch.Tensor):
     if rows.device.type != "cpu":
         rows = rows.to("cpu")  # staging copy for device memory
     elif not rows.is_contiguous():
@@ -244,6 +262,7 @@ def _scatter(region: KVRegion, data: memoryview, dst_block_ids: list[int]) -> No
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # frombuffer warns that zmq's buffer is read-only
         src = torch.frombuffer(data, dtype=torch.uint8).view(-1, region.block_nbytes)
+    # A loop of slice copies beats index_copy_ several times over on CPU.
     for position, first, length in block_runs(dst_block_ids):
         region.blocks[first : first + length].copy_(src[position : position + length])
 
