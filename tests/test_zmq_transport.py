@@ -13,7 +13,7 @@ from pd.transfer.layout import KVCacheLayout
 from pd.transfer.lease import LeaseTable
 from pd.transfer.transport import TransferError
 from pd.transfer.transport.zmq_tcp import ZmqTransport
-from tests.vllm_server import free_port
+from pd.vllm_server import free_port
 
 NUM_BLOCKS = 64
 BLOCK_SIZE = 16
