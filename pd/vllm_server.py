@@ -57,7 +57,9 @@ class VllmServer:
         self._env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> VllmServer:
+    def start(self, die_with_parent: bool = False) -> VllmServer:
+        """Launch the server. ``die_with_parent``: SIGTERM it if our process dies (Linux),
+        so a killed Ray actor never leaves its vLLM server behind."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
@@ -67,6 +69,7 @@ class VllmServer:
                 stdin=subprocess.DEVNULL,
                 env=self._env,
                 start_new_session=True,  # its own process group: stop() ends vLLM's children
+                preexec_fn=_terminate_with_parent if die_with_parent else None,
             )
         return self
 
@@ -127,6 +130,13 @@ class VllmServer:
         """Prometheus samples as ``{"name{labels}": value}``, without model/engine labels."""
         text = httpx.get(f"{self.url}/metrics", timeout=10).text
         return parse_prometheus(text)
+
+
+def _terminate_with_parent() -> None:
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def parse_prometheus(text: str) -> dict[str, float]:

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible proxy: routes each request prefill-then-decode."""

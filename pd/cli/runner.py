@@ -1,0 +1,108 @@
+"""Run a planned cluster until Ctrl-C / SIGTERM: start, serve, drain, stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+import httpx
+import uvicorn
+
+from pd.cluster.launcher import Cluster, StartupError
+from pd.cluster.plan import ClusterPlan
+from pd.log import setup_logging
+from pd.proxy.app import ProxySettings, create_app
+from pd.proxy.instances import Instance, InstancePool
+from pd.proxy.routing import make_policy
+
+logger = logging.getLogger("pd.serve")
+
+
+class RayInstanceSource:
+    """Where a named instance serves now, asked of its Ray actor."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self._actors = {h.plan.name: h.actor for h in cluster.handles}
+
+    async def locate(self, name: str) -> str | None:
+        info = await self._actors[name].info.remote()
+        return info.url if info.state == "ready" else None
+
+
+class Stop(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: drain, stop everything, exit."""
+
+
+def _raise_stop(signum, frame) -> None:
+    raise Stop
+
+
+def run_cluster(plan: ClusterPlan) -> int:
+    setup_logging()
+    # uvicorn drains on SIGINT/SIGTERM, then re-raises the signal once it has stopped;
+    # both must then end in the clean shutdown below, not in Python's default exit.
+    signal.signal(signal.SIGTERM, _raise_stop)
+    config = plan.config
+    cluster = Cluster(plan)
+    print(f"pd-serve: starting {len(plan.instances)} instances (logs in {cluster.log_dir})")
+    try:
+        cluster.start(progress=lambda line: print(f"pd-serve: {line}", flush=True))
+    except StartupError as e:
+        print(f"pd-serve: start-up failed: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("pd-serve: interrupted during start-up; stopped", file=sys.stderr)
+        return 130
+    try:
+        return asyncio.run(_serve(cluster, plan))
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM after uvicorn drained
+        return 0
+    finally:
+        print("pd-serve: stopping instances", flush=True)
+        cluster.shutdown(grace_s=config.timeouts.drain_s)
+        print("pd-serve: stopped", flush=True)
+
+
+async def _serve(cluster: Cluster, plan: ClusterPlan) -> int:
+    config = plan.config
+    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200)
+    async with httpx.AsyncClient(limits=limits, timeout=None) as http:
+        pool = InstancePool(
+            [Instance(h.plan.name, h.plan.role) for h in cluster.handles],
+            http,
+            source=RayInstanceSource(cluster),
+            health_interval_s=config.timeouts.health_interval_s,
+        )
+        for handle in cluster.handles:
+            pool.instances[handle.plan.name].url = (await handle.actor.info.remote()).url
+        app = create_app(
+            pool,
+            make_policy(config.proxy.routing),
+            ProxySettings(
+                served_model_name=config.served_model_name,
+                request_timeout_s=config.timeouts.request_s,
+            ),
+        )
+        server = uvicorn.Server(
+            uvicorn.Config(
+                app,
+                host=config.proxy.host,
+                port=config.proxy.port,
+                log_level="warning",
+                timeout_graceful_shutdown=int(config.timeouts.drain_s) or None,
+            )
+        )
+        endpoint = f"http://{config.proxy.host}:{config.proxy.port}"
+        print(f"pd-serve: OpenAI API at {endpoint}/v1 (model {config.served_model_name!r})")
+        dashboard = cluster.dashboard_url()
+        auth = (
+            " (token auth: paste the token from ~/.ray/auth_token, or run `ray get-auth-token`)"
+            if Cluster.token_auth_enabled()
+            else ""
+        )
+        print(f"pd-serve: Ray dashboard at {dashboard}{auth}")
+        print("pd-serve: Ctrl-C to stop", flush=True)
+        await server.serve()
+        return 0 if server.started else 1

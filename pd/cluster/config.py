@@ -1,0 +1,187 @@
+"""cluster.yaml: the schema of a pd cluster, validated by pydantic.
+
+Every key is documented here (``pd-serve --help`` prints the same reference) and
+every mistake is reported as ``<key.path>: <what is wrong>``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# `vllm serve` arguments pd sets itself for every instance.
+RESERVED_ENGINE_ARGS = {"model", "host", "port", "kv_transfer_config", "served_model_name"}
+
+
+class ConfigError(ValueError):
+    """cluster.yaml cannot be used; the message names the key and the problem."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    preset: str | None = None
+    """A model pd generates locally (``tiny`` or ``small``): no download."""
+    path: str | None = None
+    """A local model folder or a model hub id, as ``vllm serve`` takes it."""
+    served_name: str | None = None
+    """The model name clients use (default: the preset's or path's name)."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSpec:
+        if (self.preset is None) == (self.path is None):
+            raise ValueError("give exactly one of model.preset or model.path")
+        if self.preset is not None:
+            from pd.models import PRESETS
+
+            if self.preset not in PRESETS:
+                raise ValueError(f"model.preset must be one of {sorted(PRESETS)}")
+        return self
+
+
+class Resources(_Strict):
+    cpus: Annotated[float, Field(gt=0)] = 1
+    """Ray CPUs reserved per instance."""
+    gpus: Annotated[int, Field(ge=0)] = 0
+    """GPUs per instance; more than one sets vLLM's tensor-parallel size to match."""
+    cpu_cores: str | None = "auto"
+    """CPU machines: cores vLLM's threads bind to, e.g. ``"0-3"``; ``auto`` gives each
+    instance its own cores; null leaves binding to vLLM."""
+    cpu_kv_cache_gib: Annotated[float, Field(gt=0)] = 1
+    """CPU machines: KV cache size per instance (VLLM_CPU_KVCACHE_SPACE)."""
+
+
+class RoleSpec(_Strict):
+    instances: Annotated[int, Field(ge=1, le=64)] = 1
+    """Number of vLLM instances of this role."""
+    engine_args: dict[str, Any] = Field(default_factory=dict)
+    """``vllm serve`` arguments for this role only (override the common ones)."""
+    resources: Resources = Field(default_factory=Resources)
+    env: dict[str, str] = Field(default_factory=dict)
+    """Extra environment variables for this role's vLLM processes."""
+
+    @field_validator("engine_args")
+    @classmethod
+    def _not_reserved(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return _check_engine_args(value)
+
+
+class ProxySpec(_Strict):
+    host: str = "127.0.0.1"
+    """Address the proxy listens on (loopback unless you open it on purpose)."""
+    port: Annotated[int, Field(ge=1, le=65535)] = 8000
+    """Port of the OpenAI-compatible API."""
+    routing: Literal["round_robin", "least_loaded"] = "round_robin"
+    """``round_robin``, or ``least_loaded`` (prefill by outstanding prompt tokens,
+    decode by outstanding requests)."""
+
+
+class ConnectorSpec(_Strict):
+    """pd connector settings (kv_connector_extra_config); see the README."""
+
+    lease_timeout_s: Annotated[float, Field(gt=0)] = 60
+    """Prefill: KV held for decode is freed after this long if never claimed."""
+    transfer_timeout_s: Annotated[float, Field(gt=0)] = 30
+    """Decode: deadline of one request's KV load; past it, decode recomputes."""
+    handshake_timeout_s: Annotated[float, Field(gt=0)] = 5
+    """Decode: deadline of the first contact with a prefill instance."""
+    max_concurrent_transfers: Annotated[int, Field(ge=1)] = 4
+    """Decode: KV loads running at once."""
+
+
+class Timeouts(_Strict):
+    startup_s: Annotated[float, Field(gt=0)] = 900
+    """How long every instance may take to become healthy."""
+    request_s: Annotated[float, Field(gt=0)] = 600
+    """Proxy: the longest a request may take end to end."""
+    drain_s: Annotated[float, Field(ge=0)] = 30
+    """Shutdown: how long in-flight requests may finish."""
+    health_interval_s: Annotated[float, Field(gt=0)] = 2
+    """Proxy: how often every instance's /health is checked."""
+
+
+class RaySpec(_Strict):
+    address: str | None = None
+    """Join this Ray cluster (``auto``, ``host:port``, ``ray://...``); null starts a local one."""
+    namespace: str = "pd"
+    """Ray namespace of the instance actors (pd-prefill-0, pd-decode-0, ...)."""
+    dashboard_host: str = "127.0.0.1"
+    """Local cluster only: address of the Ray dashboard."""
+    dashboard_port: Annotated[int, Field(ge=1, le=65535)] = 8265
+    """Local cluster only: port of the Ray dashboard."""
+    max_restarts: Annotated[int, Field(ge=0)] = 3
+    """How often a crashed instance actor is restarted before it is given up."""
+
+
+class ClusterConfig(_Strict):
+    model: ModelSpec
+    engine_args: dict[str, Any] = Field(default_factory=dict)
+    """``vllm serve`` arguments for every instance, as ``key: value`` (``flag: true``)."""
+    prefill: RoleSpec = Field(default_factory=RoleSpec)
+    decode: RoleSpec = Field(default_factory=RoleSpec)
+    transport: Literal["auto", "zmq", "nixl"] = "auto"
+    """KV transport: ``zmq`` (TCP), ``nixl``, or ``auto`` (the best available)."""
+    connector: ConnectorSpec = Field(default_factory=ConnectorSpec)
+    proxy: ProxySpec = Field(default_factory=ProxySpec)
+    timeouts: Timeouts = Field(default_factory=Timeouts)
+    ray: RaySpec = Field(default_factory=RaySpec)
+
+    @field_validator("engine_args")
+    @classmethod
+    def _not_reserved(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return _check_engine_args(value)
+
+    @property
+    def served_model_name(self) -> str:
+        if self.model.served_name:
+            return self.model.served_name
+        if self.model.preset:
+            return f"pd-{self.model.preset}"
+        return str(self.model.path)
+
+
+def _check_engine_args(value: dict[str, Any]) -> dict[str, Any]:
+    normalized = {key.replace("-", "_"): v for key, v in value.items()}
+    reserved = sorted(RESERVED_ENGINE_ARGS & set(normalized))
+    if reserved:
+        raise ValueError(f"{reserved} are set by pd itself; remove them")
+    return normalized
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ClusterConfig:
+    """Read and validate cluster.yaml; raise ``ConfigError`` with one readable message."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    try:
+        return ClusterConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"{path}: " + format_validation_error(e)) from None
+
+
+def format_validation_error(error: ValidationError) -> str:
+    problems = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        problems.append(f"{where}: {message}")
+    return "; ".join(problems)

@@ -1,0 +1,170 @@
+"""Start, watch and stop a P/D cluster on Ray.
+
+``Cluster.start`` joins (or starts) Ray, creates one named actor per instance in
+the pd namespace with the resources the plan asks for, and waits, bounded, until
+every instance is healthy, reporting progress. Any failure tears everything down
+again and raises ``StartupError`` naming the instance with the tail of its log.
+``Cluster.shutdown`` stops every vLLM server and actor, and the local Ray cluster
+if this process started it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from pd.cluster.actor import FAILED, READY, InstanceActor, InstanceInfo
+from pd.cluster.plan import ClusterPlan, InstancePlan
+
+logger = logging.getLogger(__name__)
+
+
+class StartupError(RuntimeError):
+    """An instance did not become healthy; the message names it and shows its log."""
+
+
+@dataclass
+class InstanceHandle:
+    plan: InstancePlan
+    actor: object  # ray.actor.ActorHandle
+
+
+class Cluster:
+    def __init__(self, plan: ClusterPlan, log_dir: Path | None = None) -> None:
+        self.plan = plan
+        self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix="pd-serve-"))
+        self.handles: list[InstanceHandle] = []
+        self._started_ray = False
+
+    # --- start ----------------------------------------------------------------------------
+
+    def start(self, progress: Callable[[str], None] = print) -> None:
+        try:
+            self._init_ray(progress)
+            self._create_actors()
+            self._wait_healthy(progress)
+        except BaseException:
+            self.shutdown(grace_s=5)
+            raise
+
+    def _init_ray(self, progress: Callable[[str], None]) -> None:
+        import ray
+
+        ray_spec = self.plan.config.ray
+        self._started_ray = ray_spec.address is None
+        progress(
+            "ray: starting a local cluster"
+            if self._started_ray
+            else f"ray: joining the cluster at {ray_spec.address}"
+        )
+        ray.init(
+            address=ray_spec.address,
+            namespace=ray_spec.namespace,
+            include_dashboard=True if self._started_ray else None,
+            dashboard_host=ray_spec.dashboard_host,
+            dashboard_port=ray_spec.dashboard_port,
+            log_to_driver=False,
+            logging_level=logging.WARNING,
+        )
+
+    def _create_actors(self) -> None:
+        import ray
+
+        remote_cls = ray.remote(InstanceActor)
+        ray_spec = self.plan.config.ray
+        for inst in self.plan.instances:
+            actor = remote_cls.options(
+                name=inst.name,
+                namespace=ray_spec.namespace,
+                num_cpus=inst.num_cpus,
+                num_gpus=inst.num_gpus,
+                max_restarts=ray_spec.max_restarts,
+                # Keep vLLM's own environment choices (CUDA_VISIBLE_DEVICES comes from Ray).
+                runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}},
+            ).remote(inst, str(self.log_dir))
+            self.handles.append(InstanceHandle(inst, actor))
+
+    def _wait_healthy(self, progress: Callable[[str], None]) -> None:
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        deadline = time.monotonic() + self.plan.config.timeouts.startup_s
+        started = time.monotonic()
+        pending = {h.plan.name: h for h in self.handles}
+        announced: set[str] = set()
+        while pending:
+            if time.monotonic() > deadline:
+                name = next(iter(pending))
+                raise StartupError(
+                    f"{name} not healthy after {self.plan.config.timeouts.startup_s:.0f}s "
+                    f"(waiting for Ray resources or a slow model load?)\n"
+                    + self._tail(pending[name])
+                )
+            for name, handle in list(pending.items()):
+                try:
+                    info: InstanceInfo = ray.get(handle.actor.info.remote(), timeout=1)
+                except GetTimeoutError:
+                    continue  # the actor is still being placed or constructed
+                except RayActorError as e:
+                    raise StartupError(f"{name}: its actor died during start-up: {e}") from e
+                if name not in announced:
+                    progress(f"{name}: starting vLLM at {info.url} (log: {info.log_path})")
+                    announced.add(name)
+                if info.state == READY:
+                    progress(f"{name}: ready after {time.monotonic() - started:.0f}s")
+                    del pending[name]
+                elif info.state == FAILED:
+                    raise StartupError(
+                        f"{name}: vLLM exited during start-up\n" + self._tail(handle)
+                    )
+            time.sleep(1)
+
+    def _tail(self, handle: InstanceHandle) -> str:
+        import ray
+
+        try:
+            tail = ray.get(handle.actor.log_tail.remote(30), timeout=10)
+        except Exception as e:  # the actor itself is gone
+            return f"(no log: {e})"
+        return "--- last lines of its log ---\n" + tail
+
+    # --- inspect ---------------------------------------------------------------------------
+
+    def dashboard_url(self) -> str:
+        import ray
+
+        context = ray.get_runtime_context()
+        url = getattr(context, "dashboard_url", None) or ray.worker.get_dashboard_url()
+        return f"http://{url}" if url and not url.startswith("http") else str(url)
+
+    @staticmethod
+    def token_auth_enabled() -> bool:
+        return os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
+
+    # --- stop ------------------------------------------------------------------------------
+
+    def shutdown(self, grace_s: float = 30) -> None:
+        """Stop every vLLM server and actor; stop Ray if we started it. Idempotent."""
+        import ray
+
+        if not ray.is_initialized():
+            return
+        stops = [h.actor.stop.remote(grace_s) for h in self.handles]
+        if stops:
+            try:
+                ray.wait(stops, num_returns=len(stops), timeout=grace_s + 10)
+            except Exception:  # a dead actor cannot be stopped; killing it below is enough
+                logger.debug("stopping actors", exc_info=True)
+        for handle in self.handles:
+            try:
+                ray.kill(handle.actor, no_restart=True)
+            except Exception:
+                logger.debug("killing %s", handle.plan.name, exc_info=True)
+        self.handles.clear()
+        # Stops the local cluster if we started it; otherwise only disconnects.
+        ray.shutdown()

@@ -1,0 +1,173 @@
+"""From a validated ClusterConfig to a concrete plan: which instances, where, how.
+
+The plan is what ``pd-serve --dry-run`` prints and what the launcher executes, so
+both always agree.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+from dataclasses import dataclass, field
+from typing import Any
+
+from pd.cluster.config import ClusterConfig, ConfigError, RoleSpec
+from pd.models import model_dir
+
+KV_ROLE = {"prefill": "kv_producer", "decode": "kv_consumer"}
+
+
+@dataclass(frozen=True)
+class InstancePlan:
+    name: str  # the Ray actor's name, e.g. pd-prefill-0
+    role: str  # "prefill" or "decode"
+    index: int
+    model: str  # a local folder or hub id; generated presets resolve to their folder
+    model_preset: str | None  # generated on the instance's host before vLLM starts
+    host: str | None  # address vLLM and the transfer side channel bind; None: the node's IP
+    vllm_args: list[str]
+    env: dict[str, str]
+    num_cpus: float
+    num_gpus: int
+    cpu_cores: str | None
+
+
+@dataclass(frozen=True)
+class ClusterPlan:
+    config: ClusterConfig
+    instances: list[InstancePlan] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def by_role(self, role: str) -> list[InstancePlan]:
+        return [i for i in self.instances if i.role == role]
+
+    def describe(self) -> str:
+        c = self.config
+        lines = [
+            f"model: {self.instances[0].model} (served as {c.served_model_name!r})",
+            f"proxy: http://{c.proxy.host}:{c.proxy.port}  routing={c.proxy.routing}  "
+            f"transport={c.transport}",
+            "ray: "
+            + (f"join {c.ray.address}" if c.ray.address else "start a local cluster")
+            + f", namespace {c.ray.namespace!r}, dashboard "
+            f"http://{c.ray.dashboard_host}:{c.ray.dashboard_port}",
+            "instances:",
+        ]
+        for inst in self.instances:
+            cores = f" cores={inst.cpu_cores}" if inst.cpu_cores else ""
+            lines.append(
+                f"  {inst.name:<14} cpus={inst.num_cpus:g} gpus={inst.num_gpus}{cores} "
+                f"port=auto\n    vllm serve {shlex.join([inst.model, *inst.vllm_args])}"
+            )
+        lines += [f"warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+def engine_args_to_cli(args: dict[str, Any]) -> list[str]:
+    """``{"max_model_len": 2048, "enforce_eager": True}`` -> ``--max-model-len 2048 ...``."""
+    cli: list[str] = []
+    for key, value in args.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            cli.append(flag)
+        elif value is False:
+            cli.append("--no-" + key.replace("_", "-"))
+        elif value is None:
+            continue
+        elif isinstance(value, dict | list):
+            cli += [flag, json.dumps(value)]
+        else:
+            cli += [flag, str(value)]
+    return cli
+
+
+def make_plan(config: ClusterConfig, available_cores: list[int] | None = None) -> ClusterPlan:
+    cores = sorted(available_cores if available_cores is not None else os.sched_getaffinity(0))
+    warnings: list[str] = []
+    model = str(model_dir(config.model.preset)) if config.model.preset else str(config.model.path)
+    next_core = 0
+    instances = []
+    for role, spec in (("prefill", config.prefill), ("decode", config.decode)):
+        for index in range(spec.instances):
+            cpu_cores, next_core = _cores_for(spec, cores, next_core, warnings)
+            instances.append(
+                InstancePlan(
+                    name=f"pd-{role}-{index}",
+                    role=role,
+                    index=index,
+                    model=model,
+                    model_preset=config.model.preset,
+                    # A local cluster stays on loopback; a joined one uses each node's IP.
+                    host="127.0.0.1" if config.ray.address is None else None,
+                    vllm_args=_vllm_args(config, role, spec),
+                    env=_env(spec, cpu_cores),
+                    num_cpus=spec.resources.cpus,
+                    num_gpus=spec.resources.gpus,
+                    cpu_cores=cpu_cores,
+                )
+            )
+    return ClusterPlan(config=config, instances=instances, warnings=warnings)
+
+
+def _vllm_args(config: ClusterConfig, role: str, spec: RoleSpec) -> list[str]:
+    args = {**config.engine_args, **spec.engine_args}
+    gpus = spec.resources.gpus
+    if gpus > 1:
+        tp = args.setdefault("tensor_parallel_size", gpus)
+        if int(tp) != gpus:
+            raise ConfigError(
+                f"{role}.engine_args.tensor_parallel_size: {tp} differs from "
+                f"{role}.resources.gpus: {gpus} (each instance uses its GPUs for TP)"
+            )
+    kv_config = {
+        "kv_connector": "PDConnector",
+        "kv_connector_module_path": "pd.transfer.connector",
+        "kv_role": KV_ROLE[role],
+        "kv_connector_extra_config": {
+            "transport": config.transport,
+            **config.connector.model_dump(),
+        },
+    }
+    return [
+        "--served-model-name",
+        config.served_model_name,
+        *engine_args_to_cli(args),
+        "--kv-transfer-config",
+        json.dumps(kv_config),
+    ]
+
+
+def _env(spec: RoleSpec, cpu_cores: str | None) -> dict[str, str]:
+    env = dict(spec.env)
+    if spec.resources.gpus == 0:
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{spec.resources.cpu_kv_cache_gib:g}")
+        if cpu_cores:
+            env.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_cores)
+    return env
+
+
+def _cores_for(
+    spec: RoleSpec, cores: list[int], next_core: int, warnings: list[str]
+) -> tuple[str | None, int]:
+    wanted = spec.resources.cpu_cores
+    if spec.resources.gpus > 0 or wanted is None:
+        return None, next_core
+    if wanted != "auto":
+        return wanted, next_core
+    count = max(1, math.ceil(spec.resources.cpus))
+    if next_core + count > len(cores):
+        warnings.append(
+            f"not enough cores for one set per instance ({len(cores)} available): "
+            "instances share cores"
+        )
+        next_core = 0
+    chosen = cores[next_core : next_core + count]
+    return _core_list(chosen), next_core + count
+
+
+def _core_list(cores: list[int]) -> str:
+    if cores == list(range(cores[0], cores[-1] + 1)) and len(cores) > 1:
+        return f"{cores[0]}-{cores[-1]}"
+    return ",".join(str(c) for c in cores)

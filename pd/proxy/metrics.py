@@ -1,0 +1,154 @@
+"""The proxy's serving metrics: Prometheus on ``/metrics``, and Ray's metrics too.
+
+Latency histograms and request counters are recorded once through ``ProxyMetrics``,
+which writes to a Prometheus registry of its own and, when the proxy runs inside a
+Ray driver, mirrors them with ``ray.util.metrics`` so they appear in the Ray
+dashboard's metrics view. KV transfer figures are read from the instances' own
+``/metrics`` (pd's connector exports them there) when ``/metrics`` is scraped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import httpx
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from pd.proxy.instances import InstancePool
+from pd.vllm_server import parse_prometheus
+
+logger = logging.getLogger(__name__)
+
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# Connector counters summed per instance on the proxy's /metrics.
+KV_COUNTERS = (
+    "transfers",
+    "transfer_failures",
+    "bytes_received",
+    "blocks_received",
+    "leases_expired",
+    "bytes_sent",
+)
+
+
+class ProxyMetrics:
+    def __init__(self, pool: InstancePool) -> None:
+        self._pool = pool
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "pd_requests", "Requests answered, by endpoint and HTTP status",
+            ["endpoint", "status"], registry=r,
+        )  # fmt: skip
+        self.ttft = Histogram(
+            "pd_time_to_first_token_seconds", "Time to first streamed token",
+            buckets=LATENCY_BUCKETS_S, registry=r,
+        )  # fmt: skip
+        self.itl = Histogram(
+            "pd_inter_token_latency_seconds", "Time between streamed chunks",
+            buckets=LATENCY_BUCKETS_S, registry=r,
+        )  # fmt: skip
+        self.e2e = Histogram(
+            "pd_e2e_request_latency_seconds", "End-to-end request latency",
+            buckets=LATENCY_BUCKETS_S, registry=r,
+        )  # fmt: skip
+        self.prefill = Histogram(
+            "pd_prefill_seconds", "Duration of the prefill leg",
+            buckets=LATENCY_BUCKETS_S, registry=r,
+        )  # fmt: skip
+        self.fallbacks = Counter(
+            "pd_prefill_fallbacks", "Requests decode prefilled itself (prefill unavailable)",
+            registry=r,
+        )  # fmt: skip
+        self.inflight = Gauge(
+            "pd_instance_inflight_requests", "Requests in flight per instance",
+            ["instance", "role"], registry=r,
+        )  # fmt: skip
+        self.healthy = Gauge(
+            "pd_instance_healthy", "1 when the instance is in rotation",
+            ["instance", "role"], registry=r,
+        )  # fmt: skip
+        self.kv = {
+            name: Gauge(
+                f"pd_kv_{name}",
+                f"Connector counter vllm:pd_kv_{name}_total, per instance",
+                ["instance", "role"],
+                registry=r,
+            )
+            for name in KV_COUNTERS
+        }
+        self._ray = _RayMirror.create()
+
+    def observe_request(self, endpoint: str, status: int, e2e_s: float) -> None:
+        self.requests.labels(endpoint, str(status)).inc()
+        self.e2e.observe(e2e_s)
+        self._ray.observe_request(endpoint, status, e2e_s)
+
+    def observe_ttft(self, seconds: float) -> None:
+        self.ttft.observe(seconds)
+        self._ray.observe("ttft", seconds)
+
+    def observe_itl(self, seconds: float) -> None:
+        self.itl.observe(seconds)
+        self._ray.observe("itl", seconds)
+
+    async def render(self, http: httpx.AsyncClient) -> bytes:
+        """Refresh per-instance gauges (KV counters scraped from instances) and render."""
+        instances = list(self._pool.instances.values())
+        for inst in instances:
+            self.inflight.labels(inst.name, inst.role).set(inst.inflight_requests)
+            self.healthy.labels(inst.name, inst.role).set(1 if inst.healthy else 0)
+
+        async def scrape(inst) -> None:
+            if not (inst.healthy and inst.url):
+                return
+            try:
+                response = await http.get(f"{inst.url}/metrics", timeout=2)
+            except httpx.HTTPError:
+                return
+            samples = parse_prometheus(response.text)
+            for name, gauge in self.kv.items():
+                gauge.labels(inst.name, inst.role).set(samples.get(f"vllm:pd_kv_{name}_total", 0))
+
+        await asyncio.gather(*(scrape(i) for i in instances))
+        return generate_latest(self.registry)
+
+
+class _RayMirror:
+    """The same figures through ``ray.util.metrics`` (shown in the Ray dashboard)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self._enabled = enabled
+        if not enabled:
+            return
+        from ray.util import metrics
+
+        boundaries = list(LATENCY_BUCKETS_S)
+        self._requests = metrics.Counter(
+            "pd_proxy_requests", "Requests answered by pd's proxy", ("endpoint", "status")
+        )
+        self._histograms = {
+            "e2e": metrics.Histogram("pd_proxy_e2e_latency_seconds", "", boundaries),
+            "ttft": metrics.Histogram("pd_proxy_ttft_seconds", "", boundaries),
+            "itl": metrics.Histogram("pd_proxy_itl_seconds", "", boundaries),
+        }
+
+    @classmethod
+    def create(cls) -> _RayMirror:
+        try:
+            import ray
+
+            return cls(enabled=ray.is_initialized())
+        except Exception:  # ray missing or not usable: Prometheus alone
+            logger.debug("Ray metrics disabled", exc_info=True)
+            return cls(enabled=False)
+
+    def observe_request(self, endpoint: str, status: int, e2e_s: float) -> None:
+        if self._enabled:
+            self._requests.inc(1, {"endpoint": endpoint, "status": str(status)})
+            self._histograms["e2e"].observe(e2e_s)
+
+    def observe(self, name: str, seconds: float) -> None:
+        if self._enabled:
+            self._histograms[name].observe(seconds)
