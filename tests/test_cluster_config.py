@@ -1,0 +1,131 @@
+"""cluster.yaml validation, the plan, and pd-serve's config errors (no engines started)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pd.cli.serve import EXIT_CONFIG, main
+from pd.cluster.config import load_config
+from pd.cluster.plan import engine_args_to_cli, make_plan
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+BAD_CONFIGS = [
+    ("model: [", "not valid YAML"),
+    ("- a\n- b", "expected a mapping"),
+    ("engine_args: {}", "model: Field required"),
+    ("model: {preset: tiny, path: /x}", "exactly one of model.preset or model.path"),
+    ("model: {preset: huge}", "model.preset must be one of"),
+    ("model: {path: /nonexistent/model}", "model.path: no such folder"),
+    ("model: {preset: tiny}\nprefil: {instances: 1}", "prefil: unknown key"),
+    ("model: {preset: tiny}\nprefill: {instances: 0}", "prefill.instances"),
+    ("model: {preset: tiny}\ndecode: {instances: two}", "decode.instances"),
+    ("model: {preset: tiny}\ntransport: rdma", "transport"),
+    ("model: {preset: tiny}\nproxy: {port: 70000}", "proxy.port"),
+    ("model: {preset: tiny}\nproxy: {routing: random}", "proxy.routing"),
+    ("model: {preset: tiny}\nengine_args: {port: 9}", "set by pd itself"),
+    ("model: {preset: tiny}\ndecode: {engine_args: {kv-transfer-config: x}}", "set by pd itself"),
+    ("model: {preset: tiny}\nconnector: {lease_timeout_s: -1}", "connector.lease_timeout_s"),
+    ("model: {preset: tiny}\ntimeouts: {startup_s: 0}", "timeouts.startup_s"),
+    ("model: {preset: tiny}\nprefill: {resources: {gpus: -1}}", "prefill.resources.gpus"),
+    (
+        "model: {preset: tiny}\nprefill: {resources: {gpus: 2}, "
+        "engine_args: {tensor_parallel_size: 4}}",
+        "tensor_parallel_size: 4 differs from prefill.resources.gpus: 2",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), BAD_CONFIGS)
+def test_bad_config_is_one_clear_message_and_exit_2(tmp_path, capsys, text, message):
+    path = tmp_path / "cluster.yaml"
+    path.write_text(text)
+    assert main(["--config", str(path), "--dry-run"]) == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert err.startswith("pd-serve: config error: ")
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_missing_config_file(tmp_path, capsys):
+    assert main(["--config", str(tmp_path / "nope.yaml")]) == EXIT_CONFIG
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_console_script_exits_2_without_traceback(tmp_path):
+    path = tmp_path / "cluster.yaml"
+    path.write_text("model: {preset: tiny}\nproxy: {port: -5}")
+    result = subprocess.run(
+        [Path(sys.executable).with_name("pd-serve"), "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "proxy.port" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("config", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_dry_run(config, capsys):
+    assert main(["--config", str(config), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "pd-prefill-0" in out and "pd-decode-0" in out
+    assert "PDConnector" in out
+
+
+def test_help_documents_every_key(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for key in ("model.preset", "prefill.resources.gpus", "proxy.routing", "ray.address",
+                "timeouts.drain_s", "connector.lease_timeout_s", "transport"):  # fmt: skip
+        assert key in out
+
+
+def test_local_plan_gives_each_instance_its_own_core():
+    plan = make_plan(load_config(CONFIGS / "local.yaml"), available_cores=[0, 1])
+    by_name = {i.name: i for i in plan.instances}
+    assert by_name["pd-prefill-0"].env["VLLM_CPU_OMP_THREADS_BIND"] == "0"
+    assert by_name["pd-decode-0"].env["VLLM_CPU_OMP_THREADS_BIND"] == "1"
+    assert not plan.warnings
+    assert "kv_producer" in " ".join(by_name["pd-prefill-0"].vllm_args)
+    assert "kv_consumer" in " ".join(by_name["pd-decode-0"].vllm_args)
+
+
+def test_plan_warns_when_cores_are_shared(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {preset: tiny}\nprefill: {instances: 2}\ndecode: {instances: 2}")
+    plan = make_plan(load_config(path), available_cores=[0, 1])
+    assert plan.warnings and "share cores" in plan.warnings[0]
+
+
+def test_gpu_plan_sets_tensor_parallel_and_gpus():
+    plan = make_plan(load_config(CONFIGS / "gpu-llama-3.1-70b-2p1d-tp4.yaml"))
+    assert [i.name for i in plan.instances] == ["pd-prefill-0", "pd-prefill-1", "pd-decode-0"]
+    for inst in plan.instances:
+        assert inst.num_gpus == 4
+        assert inst.cpu_cores is None and "VLLM_CPU_OMP_THREADS_BIND" not in inst.env
+        args = inst.vllm_args
+        assert args[args.index("--tensor-parallel-size") + 1] == "4"
+        assert inst.host is None  # a joined cluster binds each node's own address
+
+
+def test_engine_args_to_cli():
+    cli = engine_args_to_cli(
+        {
+            "max_model_len": 2048,
+            "enforce_eager": True,
+            "enable_prefix_caching": False,
+            "seed": None,
+            "override_generation_config": {"temperature": 0},
+        }
+    )
+    assert cli == [
+        "--max-model-len", "2048", "--enforce-eager", "--no-enable-prefix-caching",
+        "--override-generation-config", '{"temperature": 0}',
+    ]  # fmt: skip
