@@ -55,6 +55,7 @@ def run_cluster(plan: ClusterPlan) -> int:
     except KeyboardInterrupt:
         print("pd-serve: interrupted during start-up; stopped", file=sys.stderr)
         return 130
+    signal.signal(signal.SIGTERM, _raise_stop)  # ray.init installed its own (sys.exit(15))
     try:
         return asyncio.run(_serve(cluster, plan))
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM after uvicorn drained
