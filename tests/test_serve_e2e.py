@@ -188,6 +188,31 @@ def test_named_actors_exist_in_ray(serve):
     assert "pd-decode-0 ready http://127.0.0.1:" in result.stdout
 
 
+def test_client_disconnect_aborts_the_request(serve, client):
+    decode_url = next(
+        line.split(" at ")[1].split(" ")[0]
+        for line in serve.log().splitlines()
+        if "pd-decode-0: starting vLLM at" in line
+    )
+
+    def decode_metric(name: str) -> float:
+        text = httpx.get(f"{decode_url}/metrics", timeout=10).text
+        return parse_prometheus(text).get(name, 0.0)
+
+    generated_before = decode_metric("vllm:generation_tokens_total")
+    stream = client.completions.create(
+        model=SERVED, prompt=PROMPT, max_tokens=1500, temperature=0, stream=True,
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    next(iter(stream))  # the request is decoding now
+    stream.close()  # the client goes away
+    deadline = time.monotonic() + 30
+    while decode_metric("vllm:num_requests_running") > 0:
+        assert time.monotonic() < deadline, "decode kept running the abandoned request"
+        time.sleep(0.2)
+    assert decode_metric("vllm:generation_tokens_total") - generated_before < 1500
+
+
 def test_sigterm_stops_everything(serve):
     instance_urls = [
         line.split(" at ")[1].split(" ")[0]

@@ -85,6 +85,7 @@ async def _serve(cluster: Cluster, plan: ClusterPlan) -> int:
                 served_model_name=config.served_model_name,
                 request_timeout_s=config.timeouts.request_s,
             ),
+            http,
         )
         server = uvicorn.Server(
             uvicorn.Config(

@@ -21,9 +21,17 @@ from pd.transfer.messages import Welcome
 from pd.transfer.metadata import LoadSpec
 from pd.transfer.side_channel import HandshakeError, SideChannelClient
 from pd.transfer.stats import TransferCounters
-from pd.transfer.transport.base import KVTransport, TransferError
+from pd.transfer.transport.base import KVTransport, TransferError, TransportMetadata
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A prefill worker we handshook with, and the transport chosen to read from it."""
+
+    transport: KVTransport
+    metadata: TransportMetadata
 
 
 @dataclass
@@ -37,14 +45,14 @@ class KVConsumer:
         self,
         engine_id: str,
         tp_rank: int,
-        transport: KVTransport,
+        transports: list[KVTransport],
         transfer_timeout_s: float,
         handshake_timeout_s: float,
         max_concurrent_transfers: int,
         counters: TransferCounters,
     ) -> None:
         self._tp_rank = tp_rank
-        self._transport = transport
+        self._transports = transports  # best first; each peer gets the first that works
         self._transfer_timeout_s = transfer_timeout_s
         self._handshake_timeout_s = handshake_timeout_s
         self._max_concurrent_transfers = max_concurrent_transfers
@@ -52,7 +60,7 @@ class KVConsumer:
         self._engine_id = engine_id
         self._side_channel: SideChannelClient | None = None
         self._pool: ThreadPoolExecutor | None = None
-        self._peers: dict[tuple[str, str, int], Welcome] = {}
+        self._peers: dict[tuple[str, str, int], Peer] = {}
         self._peers_lock = threading.Lock()
         self._results: queue.SimpleQueue[tuple[str, bool]] = queue.SimpleQueue()
 
@@ -128,13 +136,15 @@ class KVConsumer:
             return 0
         port = self._port_of(spec)
         peer = self._peer(spec.remote_engine_id, spec.remote_host, port, deadline)
-        return self._transport.read_blocks(
-            peer.transport_metadata,
+        nbytes = peer.transport.read_blocks(
+            peer.metadata,
             spec.remote_request_id,
             list(spec.remote_block_ids),
             list(spec.local_block_ids),
             deadline,
         )
+        self._counters.add(**{f"transfers_via_{peer.transport.name}": 1})
+        return nbytes
 
     def _port_of(self, spec: LoadSpec) -> int:
         if len(spec.remote_ports) <= self._tp_rank:
@@ -144,7 +154,7 @@ class KVConsumer:
             )
         return spec.remote_ports[self._tp_rank]
 
-    def _peer(self, engine_id: str, host: str, port: int, deadline: float) -> Welcome:
+    def _peer(self, engine_id: str, host: str, port: int, deadline: float) -> Peer:
         key = (engine_id, host, port)
         with self._peers_lock:
             known = self._peers.get(key)
@@ -158,23 +168,37 @@ class KVConsumer:
                 f"{host}:{port} is engine {welcome.engine_id}, expected {engine_id} "
                 "(the prefill instance restarted?)"
             )
-        if welcome.transport != self._transport.name:
-            raise HandshakeError(
-                f"{host}:{port} serves transport {welcome.transport!r}, this decode "
-                f"instance uses {self._transport.name!r}"
-            )
-        self._transport.layout.check_compatible(welcome.layout)
+        self._transports[0].layout.check_compatible(welcome.layout)
+        peer = self._choose_transport(welcome, f"{host}:{port}")
         logger.info(
             "pd: connected to prefill engine %s rank %d at %s:%d over %s",
             engine_id,
             welcome.tp_rank,
             host,
             port,
-            welcome.transport,
+            peer.transport.name,
         )
         with self._peers_lock:
-            self._peers[key] = welcome
-        return welcome
+            self._peers[key] = peer
+        return peer
+
+    def _choose_transport(self, welcome: Welcome, where: str) -> Peer:
+        """The first of our transports the peer serves and that connects to it."""
+        problems = []
+        for transport in self._transports:
+            metadata = welcome.transports.get(transport.name)
+            if metadata is None:
+                problems.append(f"{transport.name}: not served by the peer")
+                continue
+            try:
+                transport.connect(metadata)
+            except TransferError as e:
+                problems.append(f"{transport.name}: {e}")
+                logger.warning("pd: %s over %s failed (%s); trying the next transport",
+                               where, transport.name, e)  # fmt: skip
+                continue
+            return Peer(transport=transport, metadata=metadata)
+        raise HandshakeError(f"no transport works with {where}: " + "; ".join(problems))
 
     def _release(self, spec: LoadSpec, loaded: bool, nbytes: int) -> None:
         if not spec.remote_host or not spec.remote_ports or self._side_channel is None:

@@ -1,7 +1,7 @@
 """Prefill role, worker side: serve leased blocks to decode instances.
 
 Owns the lease table, the side-channel server (handshakes and releases) and the
-serving half of the transport. The engine thread grants leases from each step's
+serving half of the transports. The engine thread grants leases from each step's
 metadata and collects ended leases for vLLM to free; everything else runs on the
 side-channel and transport threads.
 """
@@ -24,7 +24,7 @@ class KVProducer:
         self,
         engine_id: str,
         tp_rank: int,
-        transport: KVTransport,
+        transports: list[KVTransport],
         host: str,
         side_channel_port: int,
         lease_timeout_s: float,
@@ -32,7 +32,7 @@ class KVProducer:
     ) -> None:
         self.leases = LeaseTable(lease_timeout_s)
         self._counters = counters
-        self._transport = transport
+        self._transports = transports
         self._engine_id = engine_id
         self._tp_rank = tp_rank
         self._host = host
@@ -40,14 +40,13 @@ class KVProducer:
         self._side_channel: SideChannelServer | None = None
 
     def start(self) -> None:
-        self._transport.start(self.leases.covers)
+        """Serve handshakes and releases; the transports were started by the worker."""
         welcome = Welcome(
             protocol_version=PROTOCOL_VERSION,
             engine_id=self._engine_id,
             tp_rank=self._tp_rank,
-            layout=self._transport.layout.spec(),
-            transport=self._transport.name,
-            transport_metadata=self._transport.metadata(),
+            layout=self._transports[0].layout.spec(),
+            transports={t.name: t.metadata() for t in self._transports},
         )
         self._side_channel = SideChannelServer(
             self._host, self._side_channel_port, welcome, self.leases, self._counters

@@ -45,8 +45,13 @@ class ProxySettings:
     connect_timeout_s: float = 5.0
 
 
-def create_app(pool: InstancePool, policy: RoutingPolicy, settings: ProxySettings) -> FastAPI:
-    http = pool._http  # one pooled client for health checks and requests
+def create_app(
+    pool: InstancePool,
+    policy: RoutingPolicy,
+    settings: ProxySettings,
+    http: httpx.AsyncClient,
+) -> FastAPI:
+    """``http`` is the pooled client for upstream calls (the pool's health checks share it)."""
     metrics = ProxyMetrics(pool)
 
     @asynccontextmanager

@@ -43,7 +43,7 @@ from pd.prefill.scheduler_side import PrefillScheduler
 from pd.transfer.config import PDConnectorConfig
 from pd.transfer.metadata import PDConnectorMetadata, PDHandshakeMetadata
 from pd.transfer.stats import PDConnectorStats, PDPromMetrics
-from pd.transfer.transport import resolve_transport
+from pd.transfer.transport import transport_candidates
 from pd.transfer.worker import PDWorker
 
 if TYPE_CHECKING:
@@ -70,7 +70,10 @@ class PDConnector(KVConnectorBase_V1):
         transfer_config = vllm_config.kv_transfer_config
         assert transfer_config is not None and transfer_config.engine_id is not None
         self.config = PDConnectorConfig.from_extra_config(transfer_config.kv_connector_extra_config)
-        transport = resolve_transport(self.config.transport)
+        try:
+            transports = transport_candidates(self.config.transport)
+        except ValueError as e:
+            raise ValueError(f"PDConnector: {e}") from None
         engine_id = transfer_config.engine_id
 
         self._prefill: PrefillScheduler | None = None
@@ -81,14 +84,14 @@ class PDConnector(KVConnectorBase_V1):
             # prompt whose load failed unless the user asked for "fail".
             transfer_config.kv_load_failure_policy = self.config.load_failure_policy
             if transfer_config.is_kv_producer:
-                self._prefill = PrefillScheduler(engine_id, transport)
+                self._prefill = PrefillScheduler(engine_id, self.config.transport)
             if transfer_config.is_kv_consumer:
                 self._decode = DecodeScheduler()
             logger.info(
                 "pd: connector ready (engine %s, role %s, transport %s)",
                 engine_id,
                 transfer_config.kv_role,
-                transport,
+                "/".join(transports),
             )
         else:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
@@ -96,7 +99,7 @@ class PDConnector(KVConnectorBase_V1):
             assert kv_cache_config is not None, "vLLM passes kv_cache_config to workers"
             self._worker = PDWorker(
                 config=self.config,
-                transport_name=transport,
+                transport_names=transports,
                 engine_id=engine_id,
                 tp_rank=get_tensor_model_parallel_rank(),
                 num_blocks=kv_cache_config.num_blocks,

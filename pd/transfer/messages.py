@@ -41,14 +41,13 @@ class Hello(msgspec.Struct, tag=True):
 
 
 class Welcome(msgspec.Struct, tag=True):
-    """The prefill worker's identity, KV layout and transport endpoint."""
+    """The prefill worker's identity, KV layout and the transports it serves, best first."""
 
     protocol_version: int
     engine_id: str
     tp_rank: int
     layout: LayoutSpec
-    transport: str
-    transport_metadata: dict[str, str | int]
+    transports: dict[str, dict[str, str | int]]  # name -> what a reader needs
 
 
 class Release(msgspec.Struct, tag=True):

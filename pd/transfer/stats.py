@@ -22,6 +22,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
 # name -> help text. Counters are summed when snapshots aggregate.
 COUNTERS: dict[str, str] = {
     "transfers": "KV loads completed by this decode instance",
+    "transfers_via_nixl": "KV loads that read over NIXL",
+    "transfers_via_zmq": "KV loads that read over ZMQ+TCP",
     "transfer_failures": "KV loads that failed (the prompt was recomputed instead)",
     "handshake_failures": "handshakes with a prefill instance that failed",
     "blocks_received": "KV blocks loaded from prefill instances",

@@ -1,8 +1,9 @@
 """Worker-side half of PDConnector: one per vLLM worker (one per TP rank).
 
 Built when vLLM registers its KV cache: describes the cache as regions
-(``layout``), creates the transport, and runs the prefill role's producer and the
-decode role's consumer as the instance's ``kv_role`` asks.
+(``layout``), starts the transports (under ``auto``: NIXL if it works here, and
+ZMQ), and runs the prefill role's producer and the decode role's consumer as the
+instance's ``kv_role`` asks.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ class PDWorker:
     def __init__(
         self,
         config: PDConnectorConfig,
-        transport_name: str,
+        transport_names: list[str],
         engine_id: str,
         tp_rank: int,
         num_blocks: int,
@@ -35,7 +36,7 @@ class PDWorker:
         is_consumer: bool,
     ) -> None:
         self._config = config
-        self._transport_name = transport_name
+        self._transport_names = transport_names
         self._engine_id = engine_id
         self._tp_rank = tp_rank
         self._num_blocks = num_blocks
@@ -43,7 +44,7 @@ class PDWorker:
         self._is_producer = is_producer
         self._is_consumer = is_consumer
         self.counters = TransferCounters()
-        self._transport: KVTransport | None = None
+        self._transports: list[KVTransport] = []
         self._producer: KVProducer | None = None
         self._consumer: KVConsumer | None = None
 
@@ -52,7 +53,7 @@ class PDWorker:
         first = next(iter(kv_caches.values()))
         logger.info(
             "pd: KV cache of %d layers (%s, shape %s, strides %s) -> %d regions of %d blocks, "
-            "%d bytes per block id; transport %s",
+            "%d bytes per block id",
             len(kv_caches),
             first.dtype,
             tuple(first.shape),
@@ -60,14 +61,13 @@ class PDWorker:
             len(layout.regions),
             self._num_blocks,
             layout.bytes_per_block,
-            self._transport_name,
         )
-        self._transport = get_transport_class(self._transport_name)(layout, self._config.host)
-        # The transport serves reads for any role: a consumer simply never grants leases.
+        self._transports = self._start_transports(layout)
+        # Transports serve reads for any role: a consumer simply never grants leases.
         self._producer = KVProducer(
             engine_id=self._engine_id,
             tp_rank=self._tp_rank,
-            transport=self._transport,
+            transports=self._transports,
             host=self._config.host,
             side_channel_port=self._config.side_channel_port + self._tp_rank
             if self._config.side_channel_port
@@ -80,13 +80,34 @@ class PDWorker:
             self._consumer = KVConsumer(
                 engine_id=self._engine_id,
                 tp_rank=self._tp_rank,
-                transport=self._transport,
+                transports=self._transports,
                 transfer_timeout_s=self._config.transfer_timeout_s,
                 handshake_timeout_s=self._config.handshake_timeout_s,
                 max_concurrent_transfers=self._config.max_concurrent_transfers,
                 counters=self.counters,
             )
             self._consumer.start()
+
+    def _start_transports(self, layout: KVCacheLayout) -> list[KVTransport]:
+        started: list[KVTransport] = []
+        for name in self._transport_names:
+            transport = get_transport_class(name)(layout, self._config.host)
+            try:
+                transport.start(self._authorize)
+            except Exception as e:
+                if len(self._transport_names) == 1:
+                    raise RuntimeError(f"pd: transport {name!r} failed to start: {e}") from e
+                logger.warning("pd: transport %s unavailable here (%s); not offering it", name, e)
+                continue
+            started.append(transport)
+        if not started:
+            raise RuntimeError(f"pd: none of the transports {self._transport_names} started")
+        logger.info("pd: transports %s", [t.name for t in started])
+        return started
+
+    def _authorize(self, request_id: str, block_ids: list[int]) -> bool | None:
+        assert self._producer is not None
+        return self._producer.leases.covers(request_id, block_ids)
 
     def handshake_metadata(self) -> PDHandshakeMetadata | None:
         if self._producer is None:
@@ -120,5 +141,5 @@ class PDWorker:
             self._consumer.close()
         if self._producer is not None:
             self._producer.close()
-        if self._transport is not None:
-            self._transport.close()
+        for transport in self._transports:
+            transport.close()

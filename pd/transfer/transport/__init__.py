@@ -1,12 +1,12 @@
 """KV block transports behind one interface (``base.KVTransport``)."""
 
 from pd.transfer.transport.base import BlockAuthorizer, KVTransport, TransferError
-from pd.transfer.transport.registry import get_transport_class, resolve_transport
+from pd.transfer.transport.registry import get_transport_class, transport_candidates
 
 __all__ = [
     "BlockAuthorizer",
     "KVTransport",
     "TransferError",
     "get_transport_class",
-    "resolve_transport",
+    "transport_candidates",
 ]

@@ -47,6 +47,14 @@ class KVTransport(ABC):
     def metadata(self) -> TransportMetadata:
         """What a peer needs to read from this worker; sent in the handshake."""
 
+    def connect(self, peer: TransportMetadata) -> None:
+        """Prepare to read from a peer (once per peer, from any thread).
+
+        Raises ``TransferError`` when this transport cannot reach the peer; under
+        ``transport: auto`` the next transport is tried instead.
+        """
+        return
+
     @abstractmethod
     def read_blocks(
         self,

@@ -27,20 +27,29 @@ def get_transport_class(name: str) -> type[KVTransport]:
     return getattr(importlib.import_module(module_name), class_name)
 
 
-def resolve_transport(requested: str) -> str:
-    """Map a configured transport (``auto`` included) to the one this worker runs.
+# Under ``auto``, the order in which transports are offered and tried with each peer.
+AUTO_PREFERENCE = ("nixl", "zmq")
 
-    ``auto`` picks the best transport that works here. NIXL is not part of pd yet,
-    so today ``auto`` means ``zmq`` and ``nixl`` is refused with a clear message.
+
+def transport_candidates(requested: str) -> list[str]:
+    """The transports a worker runs for a configured ``transport``, best first.
+
+    ``auto``: NIXL when it imports here, then ZMQ (each peer gets the first one that
+    works with it). ``nixl`` where NIXL does not import fails fast with the reason.
     """
+    from pd.transfer.transport.nixl import nixl_available
+
     if requested == "auto":
-        return "zmq"
+        return [n for n in AUTO_PREFERENCE if n != "nixl" or nixl_available()]
     if requested not in _TRANSPORTS:
+        raise ValueError(f"unknown transport {requested!r}; available: {available_transports()}")
+    if requested == "nixl" and not nixl_available():
         raise ValueError(
-            f"transport {requested!r} is not available in this pd version; "
-            f"available: {available_transports()} or 'auto'"
+            "transport 'nixl' was requested but NIXL does not import here; install it "
+            "(scripts/setup.sh does) or use transport 'zmq' or 'auto'"
         )
-    return requested
+    return [requested]
 
 
 register_transport("zmq", "pd.transfer.transport.zmq_tcp:ZmqTransport")
+register_transport("nixl", "pd.transfer.transport.nixl:NixlTransport")

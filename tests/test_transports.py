@@ -1,8 +1,12 @@
-"""ZMQ+TCP transport: real sockets on loopback, two transports in one process."""
+"""Both transports (ZMQ+TCP and NIXL over UCX): two transports in one process, real
+sockets and real NIXL agents on loopback."""
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import random
+import signal
 import threading
 import time
 
@@ -11,8 +15,7 @@ import torch
 
 from pd.transfer.layout import KVCacheLayout
 from pd.transfer.lease import LeaseTable
-from pd.transfer.transport import TransferError
-from pd.transfer.transport.zmq_tcp import ZmqTransport
+from pd.transfer.transport import TransferError, get_transport_class
 from pd.vllm_server import free_port
 
 NUM_BLOCKS = 64
@@ -30,18 +33,34 @@ def make_layout(seed: int | None) -> tuple[KVCacheLayout, dict[str, torch.Tensor
     return KVCacheLayout.from_kv_caches(caches, NUM_BLOCKS, BLOCK_SIZE), caches
 
 
-@pytest.fixture
-def pair():
+@pytest.fixture(params=["zmq", "nixl"])
+def transport_name(request) -> str:
+    return request.param
+
+
+def transport_pair(name: str):
     src_layout, src_caches = make_layout(seed=0)
     dst_layout, dst_caches = make_layout(seed=None)
     leases = LeaseTable(lease_timeout_s=60)
-    server = ZmqTransport(src_layout, "127.0.0.1")
-    client = ZmqTransport(dst_layout, "127.0.0.1")
+    cls = get_transport_class(name)
+    server = cls(src_layout, "127.0.0.1")
+    client = cls(dst_layout, "127.0.0.1")
     server.start(leases.covers)
     client.start(lambda *_: False)
     yield server, client, leases, src_caches, dst_caches
     client.close()
     server.close()
+
+
+@pytest.fixture
+def pair(transport_name):
+    yield from transport_pair(transport_name)
+
+
+@pytest.fixture
+def zmq_pair():
+    """ZMQ alone: it checks leases itself (NIXL reads are one-sided; leases live above)."""
+    yield from transport_pair("zmq")
 
 
 def blocks_equal(src, dst, src_ids, dst_ids) -> bool:
@@ -89,31 +108,31 @@ def test_concurrent_reads(pair):
         assert blocks_equal(src, dst, ids, dst_for[rid])
 
 
-def test_read_waits_for_a_lease_granted_late(pair):
-    server, client, leases, src, dst = pair
+def test_read_waits_for_a_lease_granted_late(zmq_pair):
+    server, client, leases, src, dst = zmq_pair
     threading.Timer(0.3, leases.grant, args=("late", [1, 2])).start()
     client.read_blocks(server.metadata(), "late", [1, 2], [5, 6], time.monotonic() + 10)
     assert blocks_equal(src, dst, [1, 2], [5, 6])
 
 
-def test_unleased_blocks_are_refused(pair):
-    server, client, leases, _, _ = pair
+def test_unleased_blocks_are_refused(zmq_pair):
+    server, client, leases, _, _ = zmq_pair
     leases.grant("mine", [1, 2])
     with pytest.raises(TransferError, match="refused"):
         client.read_blocks(server.metadata(), "mine", [1, 2, 3], [4, 5, 6], time.monotonic() + 5)
 
 
-def test_missing_lease_fails_at_the_deadline(pair):
-    server, client, _, _, _ = pair
+def test_missing_lease_fails_at_the_deadline(zmq_pair):
+    server, client, _, _, _ = zmq_pair
     started = time.monotonic()
     with pytest.raises(TransferError, match="deadline"):
         client.read_blocks(server.metadata(), "nobody", [1], [1], started + 0.5)
     assert time.monotonic() - started < 2
 
 
-def test_unreachable_peer_fails_within_the_deadline():
+def test_unreachable_zmq_peer_fails_within_the_deadline():
     layout, _ = make_layout(seed=None)
-    client = ZmqTransport(layout, "127.0.0.1")
+    client = get_transport_class("zmq")(layout, "127.0.0.1")
     client.start(lambda *_: False)
     try:
         dead = {"endpoint": f"tcp://127.0.0.1:{free_port()}"}
@@ -125,8 +144,67 @@ def test_unreachable_peer_fails_within_the_deadline():
         client.close()
 
 
-def test_socket_is_usable_after_a_failed_read(pair):
-    server, client, leases, src, dst = pair
+def _serve_blocks(transport_name: str, conn) -> None:
+    """Child process: serve a seeded cache until killed."""
+    layout, _ = make_layout(seed=0)
+    server = get_transport_class(transport_name)(layout, "127.0.0.1")
+    server.start(lambda *_: True)
+    conn.send(server.metadata())
+    time.sleep(600)
+
+
+@pytest.mark.parametrize("name", ["zmq", "nixl"])
+def test_killed_peer_gives_an_error_within_the_deadline(name):
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    peer_process = ctx.Process(target=_serve_blocks, args=(name, child), daemon=True)
+    peer_process.start()
+    layout, caches = make_layout(seed=None)
+    client = get_transport_class(name)(layout, "127.0.0.1")
+    client.start(lambda *_: False)
+    try:
+        assert parent.poll(60), "peer did not start"
+        peer = parent.recv()
+        client.read_blocks(peer, "before", [1, 2], [3, 4], time.monotonic() + 30)
+        assert torch.equal(caches["layer.0"][:, 3], _seeded_block(0, 1))
+        os.kill(peer_process.pid, signal.SIGKILL)
+        peer_process.join(10)
+        started = time.monotonic()
+        with pytest.raises(TransferError):
+            client.read_blocks(peer, "after", [5], [6], started + 3.0)
+        assert time.monotonic() - started < 6
+    finally:
+        client.close()
+        if peer_process.is_alive():
+            peer_process.kill()
+
+
+def _seeded_block(layer: int, block: int) -> torch.Tensor:
+    _, caches = make_layout(seed=0)
+    return caches[f"layer.{layer}"][:, block]
+
+
+def test_nixl_peer_with_other_layout_is_refused():
+    src_layout, _ = make_layout(seed=0)
+    other = KVCacheLayout.from_kv_caches(
+        {"l": torch.zeros((2, NUM_BLOCKS, 4, BLOCK_SIZE, 8), dtype=torch.bfloat16)},
+        NUM_BLOCKS,
+        BLOCK_SIZE,
+    )
+    cls = get_transport_class("nixl")
+    server, client = cls(other, "127.0.0.1"), cls(src_layout, "127.0.0.1")
+    server.start(lambda *_: True)
+    client.start(lambda *_: False)
+    try:
+        with pytest.raises(TransferError, match="regions differ"):
+            client.connect(server.metadata())
+    finally:
+        client.close()
+        server.close()
+
+
+def test_transport_is_usable_after_a_failed_read(zmq_pair):
+    server, client, leases, src, dst = zmq_pair
     with pytest.raises(TransferError):
         client.read_blocks(server.metadata(), "nobody", [1], [1], time.monotonic() + 0.2)
     leases.grant("after", [9])

@@ -1,0 +1,246 @@
+"""NIXL: one-sided READs of the prefill worker's KV blocks straight into ours.
+
+Each worker registers vLLM's KV cache memory itself with a NIXL agent (DRAM on CPU,
+VRAM on GPU: no staging copy) and prepares, once, a descriptor list with one entry
+per (region, block) in a compact strided form. Peers exchange agent metadata and the
+block geometry in the handshake; a decode worker then prepares the peer's list once,
+and each request's load is a single prepared READ of the peer's blocks into ours.
+
+Two defects of NIXL 1.5.1's Python API are avoided here:
+- it hard-codes the UCX progress thread's delay to 0, so every agent spins a whole
+  core even when idle: pd builds the agent with a delay (``PROGRESS_DELAY_US``);
+- transfers to a stalled peer can stay in progress forever: every wait has a
+  deadline, after which the transfer is released and the caller recomputes.
+pd never pins threads to cores.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import threading
+import time
+import uuid
+
+import numpy as np
+
+from pd.transfer.layout import KVCacheLayout
+from pd.transfer.transport.base import (
+    BlockAuthorizer,
+    KVTransport,
+    TransferError,
+    TransportMetadata,
+)
+
+logger = logging.getLogger(__name__)
+
+# The UCX progress thread sleeps this long between polls: ~4% of a core when idle
+# instead of 100%, for well under a millisecond of added latency per transfer.
+PROGRESS_DELAY_US = 1000
+_POLL_S = (0.0002, 0.005)  # first and largest sleep between completion checks
+
+
+def nixl_available() -> bool:
+    try:
+        import nixl._api  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+class NixlTransport(KVTransport):
+    name = "nixl"
+
+    def __init__(self, layout: KVCacheLayout, host: str) -> None:
+        super().__init__(layout, host)
+        self._agent = None
+        self._mem_type = "VRAM" if layout.device.type == "cuda" else "DRAM"
+        self._local_dlist = None
+        self._registered = None
+        self._peers: dict[str, tuple[object, list[int]]] = {}  # agent -> (dlist, blocks/region)
+        self._lock = threading.Lock()
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def start(self, authorize: BlockAuthorizer) -> None:
+        # Reads are one-sided: the prefill worker is not asked per read. Its blocks stay
+        # allocated until the lease ends, and the lease is released above the transport.
+        self._agent = _make_agent(f"pd-{uuid.uuid4().hex[:12]}")
+        self._registered = self._agent.register_memory(self._memory_spans(), self._mem_type)
+        self._local_dlist = self._agent.prep_xfer_dlist(
+            "", self._strided_descs(), mem_type=self._mem_type
+        )
+        logger.info("pd nixl transport ready (agent %s, %s)", self._agent.name, self._mem_type)
+
+    def metadata(self) -> TransportMetadata:
+        assert self._agent is not None, "start() first"
+        return {
+            "agent": self._agent.name,
+            "agent_metadata": base64.b64encode(self._agent.get_agent_metadata()).decode(),
+            "regions": json.dumps(self._region_table()),
+        }
+
+    def close(self) -> None:
+        agent, self._agent = self._agent, None
+        if agent is None:
+            return
+        try:
+            for dlist, _ in self._peers.values():
+                agent.release_dlist_handle(dlist)
+            for name in self._peers:
+                agent.remove_remote_agent(name)
+            if self._local_dlist is not None:
+                agent.release_dlist_handle(self._local_dlist)
+            if self._registered is not None:
+                agent.deregister_memory(self._registered)
+        except Exception:  # shutting down: nothing left to protect
+            logger.debug("nixl close", exc_info=True)
+        self._peers.clear()
+
+    # --- decode side --------------------------------------------------------------------
+
+    def connect(self, peer: TransportMetadata) -> None:
+        """Load the peer's agent metadata and prepare its block list (once per peer)."""
+        assert self._agent is not None, "start() first"
+        name = str(peer["agent"])
+        with self._lock:
+            if name in self._peers:
+                return
+            try:
+                regions = json.loads(str(peer["regions"]))
+                if [r[1] for r in regions] != [r.block_nbytes for r in self.layout.regions]:
+                    raise TransferError("peer's KV regions differ from ours")
+                loaded = self._agent.add_remote_agent(base64.b64decode(str(peer["agent_metadata"])))
+                descs = np.array(
+                    [
+                        [addr, nbytes, dev, stride, count]
+                        for addr, nbytes, dev, stride, count in regions
+                    ],
+                    dtype=np.int64,
+                )
+                dlist = self._agent.prep_xfer_dlist(loaded, descs, mem_type=self._mem_type)
+            except TransferError:
+                raise
+            except Exception as e:
+                raise TransferError(f"NIXL could not connect to {name}: {e}") from e
+            self._peers[name] = (dlist, [r[4] for r in regions])
+
+    def read_blocks(
+        self,
+        peer: TransportMetadata,
+        request_id: str,
+        src_block_ids: list[int],
+        dst_block_ids: list[int],
+        deadline: float,
+    ) -> int:
+        if len(src_block_ids) != len(dst_block_ids):
+            raise TransferError(
+                f"{len(src_block_ids)} source blocks for {len(dst_block_ids)} destinations"
+            )
+        if not src_block_ids:
+            return 0
+        self.connect(peer)
+        remote_dlist, remote_blocks = self._peers[str(peer["agent"])]
+        local_idx, remote_idx = [], []
+        for r, region in enumerate(self.layout.regions):
+            local_base = r * region.num_blocks
+            remote_base = r * remote_blocks[r]
+            local_idx += [local_base + b for b in dst_block_ids]
+            remote_idx += [remote_base + b for b in src_block_ids]
+        agent = self._agent
+        assert agent is not None
+        try:
+            handle = agent.make_prepped_xfer(
+                "READ",
+                self._local_dlist,
+                np.asarray(local_idx, dtype=np.int32),
+                remote_dlist,
+                np.asarray(remote_idx, dtype=np.int32),
+            )
+            state = agent.transfer(handle)
+        except Exception as e:
+            raise TransferError(f"NIXL read of {request_id} could not start: {e}") from e
+        try:
+            sleep_s = _POLL_S[0]
+            while state not in ("DONE", "ERR"):
+                if time.monotonic() >= deadline:
+                    raise TransferError(f"NIXL read of {request_id} passed its deadline")
+                time.sleep(sleep_s)
+                sleep_s = min(sleep_s * 2, _POLL_S[1])
+                state = agent.check_xfer_state(handle)
+            if state == "ERR":
+                raise TransferError(f"NIXL read of {request_id} failed")
+        except TransferError:
+            raise
+        except Exception as e:  # e.g. nixlRemoteDisconnectError: the peer died
+            raise TransferError(f"NIXL read of {request_id} failed: {e}") from e
+        finally:
+            try:
+                agent.release_xfer_handle(handle)
+            except Exception:  # still in flight at a deadline: NIXL keeps it; we moved on
+                logger.debug("could not release a NIXL transfer handle", exc_info=True)
+        return len(src_block_ids) * self.layout.bytes_per_block
+
+    # --- memory ---------------------------------------------------------------------------
+
+    def _region_table(self) -> list[list[int]]:
+        """Per region: [address, block bytes, device, block stride, number of blocks]."""
+        table = []
+        for region in self.layout.regions:
+            blocks = region.blocks
+            device = blocks.device.index or 0
+            table.append(
+                [
+                    blocks.data_ptr(),
+                    region.block_nbytes,
+                    device,
+                    blocks.stride(0),
+                    region.num_blocks,
+                ]
+            )
+        return table
+
+    def _strided_descs(self) -> np.ndarray:
+        return np.array(self._region_table(), dtype=np.int64)
+
+    def _memory_spans(self) -> list[tuple[int, int, int, str]]:
+        """Each distinct storage under the regions, registered once."""
+        spans: dict[int, tuple[int, int, int, str]] = {}
+        for region in self.layout.regions:
+            storage = region.blocks.untyped_storage()
+            device = region.blocks.device.index or 0
+            spans[storage.data_ptr()] = (storage.data_ptr(), storage.nbytes(), device, "")
+        return list(spans.values())
+
+
+def _make_agent(name: str):
+    """A NIXL agent with a UCX backend whose progress thread does not busy-poll."""
+    import nixl._api as api
+
+    strict = api.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT  # our loads run on many threads
+    agent = api.nixl_agent(name, api.nixl_agent_config(backends=[], sync_mode=strict))
+    # nixl_agent() fixes pthrDelay at 0; rebuild its core agent with a delay before any
+    # backend (and so any progress thread) exists.
+    bindings = _bindings_of(api)
+    config = bindings.nixlAgentConfig()
+    config.useProgThread = True
+    config.useListenThread = False
+    config.listenPort = 0
+    config.syncMode = strict.value
+    config.pthrDelay = PROGRESS_DELAY_US
+    config.lthrDelay = 100_000
+    config.captureTelemetry = False
+    agent.agent = bindings.nixlAgent(name, config)
+    agent.plugin_list = agent.agent.getAvailPlugins()
+    if "UCX" not in agent.plugin_list:
+        raise RuntimeError(f"NIXL has no UCX plugin (plugins: {agent.plugin_list})")
+    agent.create_backend("UCX", {})
+    return agent
+
+
+def _bindings_of(api):
+    import importlib
+
+    package = api.nixl_agent.__module__.rsplit(".", 1)[0]  # nixl_cu12 / nixl_cu13 / ...
+    return importlib.import_module(f"{package}._bindings")
