@@ -1,14 +1,19 @@
-"""Transfer benchmark: pd's transports against raw TCP and memcpy, in one run.
+"""Transfer benchmark: pd's transports (ZMQ, NIXL) against raw TCP and memcpy, in one run.
 
 Moves the KV cache of a 4k-token prompt shaped like Llama-3-8B (32 layers, 8 KV
 heads, head dim 128, bf16: 512 MiB in 16-token blocks, 64 regions of 32 KiB blocks)
-from a "prefill" process to a "decode" process on loopback, through pd's ZMQ
-transport exactly as the connector uses it. In the same run, as baselines, the same
+from a "prefill" process to a "decode" process on loopback, through each of pd's
+transports exactly as the connector uses them. In the same run, as baselines, the same
 bytes go over a plain TCP socket (``sendall`` -> ``recv_into`` a preallocated
 buffer) and through a plain in-process memcpy. Prints GB/s for each and the ratio
 transport / raw TCP, and writes bench/results/transfer.md.
 
     .venv/bin/python scripts/bench_transfer.py [--repeats 5] [--out bench/results/transfer.md]
+    python scripts/bench_transfer.py --device cuda --out bench/results/transfer-gpu.md
+
+With ``--device cuda`` (a CUDA machine; vLLM is not needed) the caches live in GPU
+memory laid out like vLLM's paged KV cache, and the baselines add a plain
+device-to-device copy and a pinned host -> device copy of the same bytes.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ NUM_CACHE_BLOCKS = NUM_REQUEST_BLOCKS + 64
 DTYPE = torch.bfloat16
 
 
-def make_caches(fill: bool) -> dict[str, torch.Tensor]:
+def make_caches(fill: bool, device: str = "cpu") -> dict[str, torch.Tensor]:
     """vLLM's GPU-style per-layer layout: (2, num_blocks, block_size, heads, dim)."""
     shape = (2, NUM_CACHE_BLOCKS, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
     gen = torch.Generator().manual_seed(0)
@@ -41,7 +46,7 @@ def make_caches(fill: bool) -> dict[str, torch.Tensor]:
             torch.randn(shape, generator=gen, dtype=torch.float32).to(DTYPE)
             if fill
             else torch.zeros(shape, dtype=DTYPE)
-        )
+        ).to(device)
         for i in range(NUM_LAYERS)
     }
 
@@ -63,13 +68,14 @@ def block_ids(pattern: str, seed: int) -> tuple[list[int], list[int]]:
 # --- pd transport ------------------------------------------------------------------------
 
 
-def prefill_process(conn, transport_name: str) -> None:
+def prefill_process(conn, transport_name: str, device: str) -> None:
     from pd.transfer.layout import KVCacheLayout
     from pd.transfer.lease import LeaseTable
     from pd.transfer.transport import get_transport_class
 
     torch.set_num_threads(1)
-    layout = KVCacheLayout.from_kv_caches(make_caches(fill=True), NUM_CACHE_BLOCKS, BLOCK_SIZE)
+    caches = make_caches(fill=True, device=device)
+    layout = KVCacheLayout.from_kv_caches(caches, NUM_CACHE_BLOCKS, BLOCK_SIZE)
     leases = LeaseTable(lease_timeout_s=3600)
     transport = get_transport_class(transport_name)(layout, "127.0.0.1")
     transport.start(leases.covers)
@@ -82,20 +88,22 @@ def prefill_process(conn, transport_name: str) -> None:
     transport.close()
 
 
-def bench_transport(transport_name: str, pattern: str, repeats: int) -> list[float]:
+def bench_transport(
+    transport_name: str, pattern: str, repeats: int, device: str = "cpu"
+) -> list[float]:
     from pd.transfer.layout import KVCacheLayout
     from pd.transfer.transport import get_transport_class
 
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=prefill_process, args=(child, transport_name), daemon=True)
+    proc = ctx.Process(target=prefill_process, args=(child, transport_name, device), daemon=True)
     proc.start()
     peer = parent.recv()
-    caches = make_caches(fill=False)
+    caches = make_caches(fill=False, device=device)
     layout = KVCacheLayout.from_kv_caches(caches, NUM_CACHE_BLOCKS, BLOCK_SIZE)
     transport = get_transport_class(transport_name)(layout, "127.0.0.1")
     transport.start(lambda *_: False)
-    reference = make_caches(fill=True)
+    reference = make_caches(fill=True, device=device)
     seconds = []
     try:
         for attempt in range(repeats + 1):  # the first is a warm-up
@@ -105,6 +113,8 @@ def bench_transport(transport_name: str, pattern: str, repeats: int) -> list[flo
             assert parent.recv() == "granted"
             started = time.perf_counter()
             nbytes = transport.read_blocks(peer, request_id, src, dst, time.monotonic() + 120)
+            if device == "cuda":
+                torch.cuda.synchronize()
             elapsed = time.perf_counter() - started
             assert nbytes == payload_nbytes(), nbytes
             if attempt == 0:
@@ -160,13 +170,17 @@ def bench_raw_tcp(repeats: int) -> list[float]:
     return seconds
 
 
-def bench_memcpy(repeats: int) -> list[float]:
+def bench_copy(repeats: int, src_device: str, dst_device: str, pinned: bool = False):
+    """One contiguous copy of the payload (memcpy on CPU, copy engines or HBM on GPU)."""
     src = torch.randint(0, 255, (payload_nbytes(),), dtype=torch.uint8)
-    dst = torch.empty_like(src)
+    src = src.pin_memory() if pinned else src.to(src_device)
+    dst = torch.empty(payload_nbytes(), dtype=torch.uint8, device=dst_device)
     seconds = []
     for attempt in range(repeats + 1):
         started = time.perf_counter()
-        dst.copy_(src)
+        dst.copy_(src, non_blocking=pinned)
+        if "cuda" in (src_device, dst_device):
+            torch.cuda.synchronize()
         if attempt:
             seconds.append(time.perf_counter() - started)
     return seconds
@@ -183,16 +197,25 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("bench/results/transfer.md"))
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    device, repeats = args.device, args.repeats
 
     rows: list[tuple[str, list[float]]] = [
-        ("memcpy (one process)", bench_memcpy(args.repeats)),
-        ("raw TCP socket (baseline)", bench_raw_tcp(args.repeats)),
-        ("pd zmq, contiguous block ids", bench_transport("zmq", "contiguous", args.repeats)),
-        ("pd zmq, scattered block ids", bench_transport("zmq", "scattered", args.repeats)),
+        ("memcpy (one process)", bench_copy(repeats, "cpu", "cpu"))
     ]
-    tcp = gbps(rows[1][1])
+    if device == "cuda":
+        rows += [
+            ("GPU -> GPU copy (one process)", bench_copy(repeats, "cuda", "cuda")),
+            ("pinned host -> GPU copy", bench_copy(repeats, "cpu", "cuda", pinned=True)),
+        ]
+    rows.append(("raw TCP socket (baseline)", bench_raw_tcp(repeats)))
+    for transport in ("zmq", "nixl"):
+        for pattern in ("contiguous", "scattered"):
+            seconds = bench_transport(transport, pattern, repeats, device)
+            rows.append((f"pd {transport}, {pattern} block ids", seconds))
+    tcp = gbps(dict(rows)["raw TCP socket (baseline)"])
     command = "python scripts/bench_transfer.py " + " ".join(sys.argv[1:])
     lines = [
         "# KV transfer benchmark",
@@ -201,8 +224,8 @@ def main() -> int:
         "",
         f"Payload: {payload_nbytes() / 2**20:.0f} MiB, the KV of a {PROMPT_TOKENS}-token prompt "
         f"shaped like Llama-3-8B ({NUM_LAYERS} layers, {NUM_KV_HEADS} KV heads, head dim "
-        f"{HEAD_DIM}, bf16) in {NUM_REQUEST_BLOCKS} blocks of {BLOCK_SIZE} tokens; two "
-        "processes on loopback. Median of "
+        f"{HEAD_DIM}, bf16) in {NUM_REQUEST_BLOCKS} blocks of {BLOCK_SIZE} tokens, in "
+        f"{device} memory; two processes on loopback. Median of "
         f"{args.repeats} runs after a warm-up; bytes verified on the warm-up.",
         "",
         f"Machine: {platform.machine()}, {mp.cpu_count()} cores, Python "

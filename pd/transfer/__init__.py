@@ -1,0 +1,1 @@
+"""The transfer layer: pd's vLLM KV connector and its transports."""
