@@ -17,20 +17,7 @@ from pd.transfer.layout import KVCacheLayout
 from pd.transfer.lease import LeaseTable
 from pd.transfer.transport import TransferError, get_transport_class
 from pd.vllm_server import free_port
-
-NUM_BLOCKS = 64
-BLOCK_SIZE = 16
-
-
-def make_layout(seed: int | None) -> tuple[KVCacheLayout, dict[str, torch.Tensor]]:
-    """A vLLM-CPU-shaped cache (3 layers, (2, blocks, heads, block, dim)) in bf16."""
-    gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    caches = {}
-    for layer in range(3):
-        shape = (2, NUM_BLOCKS, 2, BLOCK_SIZE, 8)
-        t = torch.randn(shape, generator=gen) if gen else torch.zeros(shape)
-        caches[f"layer.{layer}"] = t.to(torch.bfloat16)
-    return KVCacheLayout.from_kv_caches(caches, NUM_BLOCKS, BLOCK_SIZE), caches
+from tests.kv_layouts import BLOCK_SIZE, NUM_BLOCKS, make_layout
 
 
 @pytest.fixture(params=["zmq", "nixl"])

@@ -55,7 +55,6 @@ class KVTransport(ABC):
         """
         return
 
-    @abstractmethod
     def read_blocks(
         self,
         peer: TransportMetadata,
@@ -71,6 +70,24 @@ class KVTransport(ABC):
         returns the bytes moved. Raises ``TransferError`` on any failure; the
         destination blocks' contents are then undefined.
         """
+        if len(src_block_ids) != len(dst_block_ids):
+            raise TransferError(
+                f"{len(src_block_ids)} source blocks for {len(dst_block_ids)} destinations"
+            )
+        if not src_block_ids:
+            return 0
+        return self._read_blocks(peer, request_id, src_block_ids, dst_block_ids, deadline)
+
+    @abstractmethod
+    def _read_blocks(
+        self,
+        peer: TransportMetadata,
+        request_id: str,
+        src_block_ids: list[int],
+        dst_block_ids: list[int],
+        deadline: float,
+    ) -> int:
+        """``read_blocks`` after its arguments were checked: equal lengths, not empty."""
 
     @abstractmethod
     def close(self) -> None:

@@ -126,7 +126,7 @@ class NixlTransport(KVTransport):
                 raise TransferError(f"NIXL could not connect to {name}: {e}") from e
             self._peers[name] = (dlist, [r[4] for r in regions])
 
-    def read_blocks(
+    def _read_blocks(
         self,
         peer: TransportMetadata,
         request_id: str,
@@ -134,12 +134,6 @@ class NixlTransport(KVTransport):
         dst_block_ids: list[int],
         deadline: float,
     ) -> int:
-        if len(src_block_ids) != len(dst_block_ids):
-            raise TransferError(
-                f"{len(src_block_ids)} source blocks for {len(dst_block_ids)} destinations"
-            )
-        if not src_block_ids:
-            return 0
         self.connect(peer)
         remote_dlist, remote_blocks = self._peers[str(peer["agent"])]
         local_idx, remote_idx = [], []

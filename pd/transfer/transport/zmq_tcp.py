@@ -144,7 +144,7 @@ class ZmqTransport(KVTransport):
 
     # --- decode side --------------------------------------------------------------------
 
-    def read_blocks(
+    def _read_blocks(
         self,
         peer: TransportMetadata,
         request_id: str,
@@ -152,12 +152,6 @@ class ZmqTransport(KVTransport):
         dst_block_ids: list[int],
         deadline: float,
     ) -> int:
-        if len(src_block_ids) != len(dst_block_ids):
-            raise TransferError(
-                f"{len(src_block_ids)} source blocks for {len(dst_block_ids)} destinations"
-            )
-        if not src_block_ids:
-            return 0
         endpoint = str(peer["endpoint"])
         sock = self._socket_for(endpoint)
         try:
