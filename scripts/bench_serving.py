@@ -1,0 +1,467 @@
+"""Serving benchmark: pd against one vLLM instance and against stock vLLM P/D.
+
+Starts each system in turn on the same model (pd's ``small`` preset), the same two
+cores and the same load, drives it with vLLM's own client (``vllm bench serve``,
+random dataset), tears it down completely, and writes bench/results/serving.md,
+serving.json and serving.png.
+
+Systems:
+  colocated       one vLLM instance on both cores (chunked prefill on, as shipped)
+  pd-zmq, pd-nixl pd-serve, prefill on core 0 and decode on core 1, per transport
+  vllm-pd-stock   vLLM prefill + decode with NixlConnector, behind the minimal proxy
+                  below (vLLM's disaggregation protocol), as shipped
+  vllm-pd-tuned   the same with its two CPU defects neutralized
+                  (scripts/vllm_pd_tuned/sitecustomize.py)
+
+    .venv/bin/python scripts/bench_serving.py [--duration-s 30] [--systems ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from pd.models import make_model
+from pd.vllm_server import VllmServer, free_port
+
+REPO = Path(__file__).resolve().parents[1]
+SERVED = "small"
+ENGINE_ARGS = ["--max-model-len", "4096", "--dtype", "float32", "--served-model-name", SERVED]
+KV_CACHE_GIB = "2"
+# SLO for goodput (DistServe: a request counts if it meets both bounds).
+SLO_TTFT_MS, SLO_TPOT_MS = 2000, 100
+
+
+@dataclass(frozen=True)
+class Load:
+    """One `vllm bench serve` stream."""
+
+    input_len: int
+    output_len: int
+    rate: float
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    description: str
+    main: Load  # the stream whose metrics are reported
+    background: Load | None = None  # runs alongside, e.g. long prefills during decode
+
+
+def workloads() -> list[Workload]:
+    return [
+        Workload("prefill-heavy@1", "1024-token prompts, 16 output tokens, 1 req/s",
+                 Load(1024, 16, 1.0)),
+        Workload("prefill-heavy@2", "1024-token prompts, 16 output tokens, 2 req/s",
+                 Load(1024, 16, 2.0)),
+        Workload("decode-heavy@2", "64-token prompts, 128 output tokens, 2 req/s",
+                 Load(64, 128, 2.0)),
+        Workload("decode-heavy@4", "64-token prompts, 128 output tokens, 4 req/s",
+                 Load(64, 128, 4.0)),
+        Workload("mixed@1", "decode stream (64 in, 128 out, 2 req/s) while 1024-token "
+                 "prompts arrive at 0.5 req/s; metrics of the decode stream",
+                 Load(64, 128, 2.0), background=Load(1024, 16, 0.5)),
+        Workload("mixed@2", "decode stream (64 in, 128 out, 3 req/s) while 1024-token "
+                 "prompts arrive at 1 req/s; metrics of the decode stream",
+                 Load(64, 128, 3.0), background=Load(1024, 16, 1.0)),
+    ]  # fmt: skip
+
+
+# --- systems --------------------------------------------------------------------------------
+
+
+class System:
+    name: str
+
+    def start(self, model: Path, workdir: Path) -> str:
+        """Start and return the OpenAI base URL once healthy."""
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+
+def _server(name, model, workdir, args, env) -> VllmServer:
+    return VllmServer(
+        name, str(model), args=[*ENGINE_ARGS, *args],
+        env={"VLLM_CPU_KVCACHE_SPACE": KV_CACHE_GIB, **env}, log_path=workdir / f"{name}.log",
+    ).start()  # fmt: skip
+
+
+class Colocated(System):
+    name = "colocated"
+
+    def start(self, model: Path, workdir: Path) -> str:
+        self.server = _server("colocated", model, workdir, [], {"VLLM_CPU_OMP_THREADS_BIND": "0-1"})
+        return self.server.wait_ready().url
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+class PdServe(System):
+    def __init__(self, transport: str) -> None:
+        self.name = f"pd-{transport}"
+        self.transport = transport
+
+    def start(self, model: Path, workdir: Path) -> str:
+        port = free_port()
+        config = workdir / f"{self.name}.yaml"
+        config.write_text(
+            json.dumps(
+                {
+                    "model": {"path": str(model), "served_name": SERVED},
+                    "engine_args": {"max_model_len": 4096, "dtype": "float32"},
+                    "prefill": {"resources": {"cpus": 1, "cpu_kv_cache_gib": 2}},
+                    "decode": {"resources": {"cpus": 1, "cpu_kv_cache_gib": 2}},
+                    "transport": self.transport,
+                    "proxy": {"port": port},
+                    "ray": {"dashboard_port": free_port()},
+                }
+            )
+        )
+        self.log = open(workdir / f"{self.name}.log", "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [Path(sys.executable).with_name("pd-serve"), "--config", str(config)],
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        _wait_healthy(url, self.proc, workdir / f"{self.name}.log")
+        return url
+
+    def prefill_url(self, workdir: Path) -> str:
+        text = (workdir / f"{self.name}.log").read_text()
+        line = next(x for x in text.splitlines() if "pd-prefill-0: starting vLLM at" in x)
+        return line.split(" at ")[1].split(" ")[0]
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.log.close()
+
+
+class StockVllmPD(System):
+    """vLLM's own NixlConnector, prefill on core 0 and decode on core 1."""
+
+    def __init__(self, tuned: bool) -> None:
+        self.name = "vllm-pd-tuned" if tuned else "vllm-pd-stock"
+        self.tuned = tuned
+
+    def start(self, model: Path, workdir: Path) -> str:
+        kv = json.dumps(
+            {"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cpu"}
+        )
+        env_common = {}
+        if self.tuned:
+            env_common["PYTHONPATH"] = str(REPO / "scripts" / "vllm_pd_tuned")
+        self.servers = [
+            _server(f"{self.name}-{role}", model, workdir, ["--kv-transfer-config", kv],
+                    {**env_common, "VLLM_CPU_OMP_THREADS_BIND": core,
+                     "VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port())})
+            for role, core in (("prefill", "0"), ("decode", "1"))
+        ]  # fmt: skip
+        for server in self.servers:
+            server.wait_ready()
+        self.proxy = DisaggProxy(self.servers[0].url, self.servers[1].url)
+        return self.proxy.start()
+
+    def stop(self) -> None:
+        self.proxy.stop()
+        for server in self.servers:
+            server.stop()
+
+
+class DisaggProxy:
+    """The minimal proxy the field uses in front of vLLM P/D: prefill with max_tokens=1
+    and do_remote_decode, then decode with the returned kv_transfer_params, streamed."""
+
+    def __init__(self, prefill_url: str, decode_url: str) -> None:
+        self.prefill_url, self.decode_url = prefill_url, decode_url
+        self.port = free_port()
+
+    def start(self) -> str:
+        import uvicorn
+        from starlette.applications import Starlette
+        from starlette.requests import Request
+        from starlette.responses import JSONResponse, StreamingResponse
+        from starlette.routing import Route
+
+        client = httpx.AsyncClient(timeout=None)
+
+        async def completions(request: Request):
+            body = await request.json()
+            first = {**body, "max_tokens": 1, "stream": False,
+                     "kv_transfer_params": {"do_remote_decode": True}}  # fmt: skip
+            first.pop("stream_options", None)
+            prefill = await client.post(f"{self.prefill_url}/v1/completions", json=first)
+            params = prefill.json().get("kv_transfer_params")
+            upstream = await client.send(
+                client.build_request(
+                    "POST", f"{self.decode_url}/v1/completions",
+                    json={**body, "kv_transfer_params": params},
+                ),
+                stream=True,
+            )  # fmt: skip
+            if not body.get("stream"):
+                data = await upstream.aread()
+                await upstream.aclose()
+                return JSONResponse(json.loads(data), upstream.status_code)
+
+            async def relay():
+                try:
+                    async for chunk in upstream.aiter_raw():
+                        yield chunk
+                finally:
+                    await upstream.aclose()
+
+            return StreamingResponse(relay(), media_type="text/event-stream")
+
+        async def health(request: Request):
+            return JSONResponse({"ok": True})
+
+        app = Starlette(routes=[Route("/v1/completions", completions, methods=["POST"]),
+                                Route("/health", health)])  # fmt: skip
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        url = f"http://127.0.0.1:{self.port}"
+        _wait_healthy(url, None, None)
+        return url
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def _wait_healthy(url: str, proc, log: Path | None, timeout_s: float = 600) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{url} exited:\n{log.read_text()[-3000:] if log else ''}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{url} not healthy in {timeout_s}s")
+
+
+# --- load -------------------------------------------------------------------------------
+
+
+def bench_serve(
+    url: str, model: Path, load: Load, duration_s: float, out: Path, seed: int
+) -> subprocess.Popen:
+    num_prompts = max(4, int(load.rate * duration_s))
+    cmd = [
+        str(Path(sys.executable).with_name("vllm")), "bench", "serve",
+        "--backend", "vllm", "--base-url", url, "--endpoint", "/v1/completions",
+        "--model", SERVED, "--tokenizer", str(model),
+        "--dataset-name", "random", "--random-input-len", str(load.input_len),
+        "--random-output-len", str(load.output_len), "--ignore-eos",
+        "--request-rate", str(load.rate), "--num-prompts", str(num_prompts), "--seed", str(seed),
+        "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,99",
+        "--goodput", f"ttft:{SLO_TTFT_MS}", f"tpot:{SLO_TPOT_MS}",
+        "--save-result", "--result-dir", str(out.parent), "--result-filename", out.name,
+        "--disable-tqdm",
+    ]  # fmt: skip
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def run_workload(url: str, model: Path, workload: Workload, duration_s: float, workdir: Path):
+    main_out = workdir / f"{workload.name}.json"
+    procs = [bench_serve(url, model, workload.main, duration_s, main_out, seed=1)]
+    if workload.background:
+        procs.append(
+            bench_serve(url, model, workload.background, duration_s,
+                        workdir / f"{workload.name}-bg.json", seed=2)
+        )  # fmt: skip
+    limit_s = duration_s * 6 + 120
+    for proc in procs:
+        try:
+            output, _ = proc.communicate(timeout=limit_s)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            return {"error": f"did not finish in {limit_s:.0f}s (overloaded)"}
+        if proc.returncode != 0:
+            return {"error": output.decode(errors="replace")[-1500:]}
+    return json.loads(main_out.read_text())
+
+
+def pd_overhead(system: PdServe, url: str, workdir: Path) -> dict:
+    """One request at a time: pd's TTFT against the prefill instance's own time."""
+    prefill_url = system.prefill_url(workdir)
+    prompts = [[(i * 31 + j * 7) % 250 for j in range(1024)] for i in range(12)]
+    own, ttft = [], []
+    with httpx.Client(timeout=60) as client:
+        for prompt in prompts:
+            body = {"model": SERVED, "prompt": prompt, "max_tokens": 1}
+            started = time.perf_counter()
+            client.post(f"{prefill_url}/v1/completions", json=body).raise_for_status()
+            own.append(time.perf_counter() - started)
+        for prompt in prompts:
+            shifted = [(t + 1) % 250 for t in prompt]  # no prefix-cache hit from above
+            body = {"model": SERVED, "prompt": shifted, "max_tokens": 2, "stream": True}
+            started = time.perf_counter()
+            with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+                for line in response.iter_lines():
+                    if line.startswith("data: ") and '"text"' in line:
+                        ttft.append(time.perf_counter() - started)
+                        break
+    own_ms = 1000 * statistics.median(own[2:])
+    ttft_ms = 1000 * statistics.median(ttft[2:])
+    return {"prefill_own_p50_ms": own_ms, "pd_ttft_p50_ms": ttft_ms,
+            "overhead_p50_ms": ttft_ms - own_ms}  # fmt: skip
+
+
+# --- report -------------------------------------------------------------------------------
+
+
+def write_report(results: dict, overhead: dict, args, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "serving.json").write_text(json.dumps({"results": results, "overhead": overhead},
+                                                     indent=2))  # fmt: skip
+    command = "python scripts/bench_serving.py " + " ".join(sys.argv[1:])
+    lines = [
+        "# Serving benchmark", "", f"Command: `{command.strip()}`", "",
+        f"Model: pd's `small` preset (8 layers, 8 KiB of KV per token, float32). Two cores. "
+        f"Each workload runs about {args.duration_s:g} s of arrivals (`vllm bench serve`, "
+        f"random dataset, ignore_eos). Goodput SLO: TTFT <= {SLO_TTFT_MS} ms and "
+        f"TPOT <= {SLO_TPOT_MS} ms.", "",
+        "| workload | system | TTFT p50/p90/p99 ms | ITL p50/p90/p99 ms | TPOT p50/p90/p99 ms "
+        "| req/s | out tok/s | goodput req/s | TTFT p50 vs colocated | vs vLLM P/D best |",
+        "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]  # fmt: skip
+    for workload in workloads():
+        rows = results.get(workload.name, {})
+        base = rows.get("colocated", {})
+        stock = [rows.get(s, {}) for s in ("vllm-pd-stock", "vllm-pd-tuned")]
+        best = min((r["p50_ttft_ms"] for r in stock if "p50_ttft_ms" in r), default=None)
+        for system, r in rows.items():
+            if "error" in r:
+                lines.append(f"| {workload.name} | {system} | failed: {r['error'][:80]!r} |"
+                             " | | | | | | |")  # fmt: skip
+                continue
+
+            def trio(metric: str, r=r) -> str:
+                return "/".join(f"{r[f'p{p}_{metric}_ms']:.0f}" for p in (50, 90, 99))
+
+            vs_base = (f"{r['p50_ttft_ms'] / base['p50_ttft_ms']:.2f}x"
+                       if base.get("p50_ttft_ms") else "")  # fmt: skip
+            vs_stock = f"{r['p50_ttft_ms'] / best:.2f}x" if best else ""
+            lines.append(
+                f"| {workload.name} | {system} | {trio('ttft')} | {trio('itl')} | "
+                f"{trio('tpot')} | {r['request_throughput']:.2f} | "
+                f"{r['output_throughput']:.0f} | {r.get('request_goodput', 0) or 0:.2f} | "
+                f"{vs_base} | {vs_stock} |"
+            )
+    lines += ["", "Workloads:"] + [f"- {w.name}: {w.description}" for w in workloads()]
+    if overhead:
+        lines += ["", "P/D overhead, one request at a time (1024-token prompts):", ""]
+        for system, o in overhead.items():
+            lines.append(
+                f"- {system}: TTFT p50 {o['pd_ttft_p50_ms']:.1f} ms, the prefill instance's "
+                f"own time {o['prefill_own_p50_ms']:.1f} ms: overhead "
+                f"{o['overhead_p50_ms']:.1f} ms"
+            )
+    lines += ["", "![TTFT and ITL percentiles](serving.png)", ""]
+    (out_dir / "serving.md").write_text("\n".join(lines) + "\n")
+    chart(results, out_dir / "serving.png")
+
+
+def chart(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [w.name for w in workloads() if w.name in results]
+    systems = sorted({s for rows in results.values() for s in rows})
+    fig, axes = plt.subplots(2, 1, figsize=(12, 8))
+    width = 0.8 / max(1, len(systems))
+    for ax, metric in zip(axes, ("ttft", "itl"), strict=True):
+        for i, system in enumerate(systems):
+            for j, pct in enumerate((50, 99)):
+                values = [results[n].get(system, {}).get(f"p{pct}_{metric}_ms", 0) for n in names]
+                xs = [k + i * width for k in range(len(names))]
+                ax.bar(xs, values, width * (0.9 if j else 0.5), alpha=0.5 if j else 1.0,
+                       label=f"{system} p{pct}", color=f"C{i}")  # fmt: skip
+        ax.set_xticks([k + 0.4 - width / 2 for k in range(len(names))], names)
+        ax.set_ylabel(f"{metric.upper()} ms (log)")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7, ncol=len(systems))
+    fig.suptitle("TTFT and ITL percentiles: p50 solid, p99 faded")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    all_systems = ["colocated", "pd-zmq", "pd-nixl", "vllm-pd-stock", "vllm-pd-tuned"]
+    parser.add_argument("--systems", nargs="+", default=all_systems, choices=all_systems)
+    parser.add_argument("--workloads", nargs="+", default=[w.name for w in workloads()])
+    parser.add_argument("--duration-s", type=float, default=30)
+    parser.add_argument("--out-dir", type=Path, default=REPO / "bench" / "results")
+    args = parser.parse_args()
+    if shutil.which("pgrep") and subprocess.run(["pgrep", "-f", "vllm serve"]).returncode == 0:
+        print("warning: another `vllm serve` is running; results will be disturbed")
+    model = make_model("small")
+    factories = {"colocated": Colocated, "pd-zmq": lambda: PdServe("zmq"),
+                 "pd-nixl": lambda: PdServe("nixl"),
+                 "vllm-pd-stock": lambda: StockVllmPD(tuned=False),
+                 "vllm-pd-tuned": lambda: StockVllmPD(tuned=True)}  # fmt: skip
+    results: dict[str, dict[str, dict]] = {}
+    overhead: dict[str, dict] = {}
+    for name in args.systems:
+        system = factories[name]()
+        workdir = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
+        print(f"== {name} (logs in {workdir})", flush=True)
+        try:
+            url = system.start(model, workdir)
+            for workload in workloads():
+                if workload.name not in args.workloads:
+                    continue
+                result = run_workload(url, model, workload, args.duration_s, workdir)
+                results.setdefault(workload.name, {})[name] = result
+                shown = result.get("error") or (
+                    f"TTFT p50 {result['p50_ttft_ms']:.0f} ms, "
+                    f"ITL p99 {result['p99_itl_ms']:.0f} ms"
+                )
+                print(f"   {workload.name}: {shown}", flush=True)
+            if isinstance(system, PdServe):
+                overhead[name] = pd_overhead(system, url, workdir)
+                print(f"   overhead: {overhead[name]}", flush=True)
+        except Exception as e:
+            print(f"   {name} failed: {e}", flush=True)
+            for workload in workloads():
+                results.setdefault(workload.name, {}).setdefault(name, {"error": str(e)[:300]})
+        finally:
+            system.stop()
+    write_report(results, overhead, args, args.out_dir)
+    print(f"wrote {args.out_dir / 'serving.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
