@@ -288,15 +288,18 @@ def bench_serve(
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
-def run_workload(url: str, model: Path, workload: Workload, duration_s: float, workdir: Path):
+def run_workload(
+    url: str, model: Path, workload: Workload, duration_s: float, workdir: Path, seed: int
+):
+    """``seed`` differs per workload: no run may hit prefixes an earlier run cached."""
     main_out = workdir / f"{workload.name}.json"
-    procs = [bench_serve(url, model, workload.main, duration_s, main_out, seed=1)]
+    procs = [bench_serve(url, model, workload.main, duration_s, main_out, seed=seed)]
     if workload.background:
         procs.append(
             bench_serve(url, model, workload.background, duration_s,
-                        workdir / f"{workload.name}-bg.json", seed=2)
+                        workdir / f"{workload.name}-bg.json", seed=seed + 1000)
         )  # fmt: skip
-    limit_s = duration_s * 6 + 120
+    limit_s = duration_s * 3 + 45  # past this the system is overloaded: say so, move on
     for proc in procs:
         try:
             output, _ = proc.communicate(timeout=limit_s)
@@ -312,7 +315,7 @@ def run_workload(url: str, model: Path, workload: Workload, duration_s: float, w
 def pd_overhead(system: PdServe, url: str, workdir: Path) -> dict:
     """One request at a time: pd's TTFT against the prefill instance's own time."""
     prefill_url = system.prefill_url(workdir)
-    prompts = [[(i * 31 + j * 7) % 250 for j in range(1024)] for i in range(12)]
+    prompts = [[(i * 31 + j * 7) % 250 for j in range(1024)] for i in range(16)]
     own, ttft = [], []
     with httpx.Client(timeout=60) as client:
         for prompt in prompts:
@@ -329,8 +332,8 @@ def pd_overhead(system: PdServe, url: str, workdir: Path) -> dict:
                     if line.startswith("data: ") and '"text"' in line:
                         ttft.append(time.perf_counter() - started)
                         break
-    own_ms = 1000 * statistics.median(own[2:])
-    ttft_ms = 1000 * statistics.median(ttft[2:])
+    own_ms = 1000 * statistics.median(own[4:])  # the first ones warm both paths up
+    ttft_ms = 1000 * statistics.median(ttft[4:])
     return {"prefill_own_p50_ms": own_ms, "pd_ttft_p50_ms": ttft_ms,
             "overhead_p50_ms": ttft_ms - own_ms}  # fmt: skip
 
@@ -439,10 +442,11 @@ def main() -> int:
         print(f"== {name} (logs in {workdir})", flush=True)
         try:
             url = system.start(model, workdir)
-            for workload in workloads():
+            for index, workload in enumerate(workloads()):
                 if workload.name not in args.workloads:
                     continue
-                result = run_workload(url, model, workload, args.duration_s, workdir)
+                seed = 100 + index  # the same prompts for every system
+                result = run_workload(url, model, workload, args.duration_s, workdir, seed)
                 results.setdefault(workload.name, {})[name] = result
                 shown = result.get("error") or (
                     f"TTFT p50 {result['p50_ttft_ms']:.0f} ms, "

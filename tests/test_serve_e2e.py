@@ -7,6 +7,7 @@ SIGTERM and checks that nothing it started is left.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -172,28 +173,54 @@ def test_unknown_model_is_a_404_in_openai_format(serve):
     assert response.json()["error"]["param"] == "model"
 
 
-def test_named_actors_exist_in_ray(serve):
+def actor_infos() -> dict[str, dict]:
+    """Ask Ray (as a separate driver) for each instance actor's state, URL and pid."""
     script = (
-        "import ray\n"
+        "import json, ray\n"
         "ray.init(address='auto', namespace='pd', logging_level='ERROR')\n"
+        "infos = {}\n"
         "for name in ('pd-prefill-0', 'pd-decode-0'):\n"
         "    info = ray.get(ray.get_actor(name).info.remote())\n"
-        "    print(name, info.state, info.url)\n"
+        "    infos[name] = {'state': info.state, 'url': info.url, 'pid': info.pid}\n"
+        "print(json.dumps(infos))\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "pd-prefill-0 ready http://127.0.0.1:" in result.stdout
-    assert "pd-decode-0 ready http://127.0.0.1:" in result.stdout
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_named_actors_exist_in_ray(serve):
+    infos = actor_infos()
+    for name in ("pd-prefill-0", "pd-decode-0"):
+        assert infos[name]["state"] == "ready"
+        assert infos[name]["url"].startswith("http://127.0.0.1:")
+
+
+def test_crashed_instance_restarts_and_rejoins(serve, client):
+    before = actor_infos()["pd-decode-0"]
+    os.killpg(before["pid"], signal.SIGKILL)  # vLLM crashes; its actor must come back
+
+    def decode_count() -> int:
+        return httpx.get(f"{serve.url}/health", timeout=10).json()["decode"]
+
+    deadline = time.monotonic() + 30
+    while decode_count() != 0:
+        assert time.monotonic() < deadline, "crashed decode stayed in rotation"
+        time.sleep(0.5)
+    deadline = time.monotonic() + 420
+    while decode_count() != 1:
+        assert time.monotonic() < deadline, f"decode did not rejoin:\n{serve.log()}"
+        time.sleep(2)
+    after = actor_infos()["pd-decode-0"]
+    assert after["url"] != before["url"] and after["state"] == "ready"
+    reply = client.completions.create(model=SERVED, prompt=PROMPT, **GREEDY)
+    assert reply.usage.completion_tokens == 16
 
 
 def test_client_disconnect_aborts_the_request(serve, client):
-    decode_url = next(
-        line.split(" at ")[1].split(" ")[0]
-        for line in serve.log().splitlines()
-        if "pd-decode-0: starting vLLM at" in line
-    )
+    decode_url = actor_infos()["pd-decode-0"]["url"]
 
     def decode_metric(name: str) -> float:
         text = httpx.get(f"{decode_url}/metrics", timeout=10).text
@@ -214,12 +241,7 @@ def test_client_disconnect_aborts_the_request(serve, client):
 
 
 def test_sigterm_stops_everything(serve):
-    instance_urls = [
-        line.split(" at ")[1].split(" ")[0]
-        for line in serve.log().splitlines()
-        if "starting vLLM at" in line
-    ]
-    assert len(instance_urls) == 2
+    instance_urls = [info["url"] for info in actor_infos().values()]
     assert serve.terminate() == 0, serve.log()
     for url in [serve.url, *instance_urls]:
         with pytest.raises(httpx.ConnectError):

@@ -28,7 +28,7 @@ def prefill():
     leases = LeaseTable(lease_timeout_s=60)
     transports = {name: get_transport_class(name)(layout, "127.0.0.1") for name in ("nixl", "zmq")}
     for transport in transports.values():
-        transport.start(leases.covers)
+        transport.start(leases.may_read)
     started = []
 
     def serve(offered: dict[str, dict]) -> SideChannelServer:

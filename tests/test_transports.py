@@ -12,6 +12,7 @@ import time
 
 import pytest
 import torch
+import zmq
 
 from pd.transfer.layout import KVCacheLayout
 from pd.transfer.lease import LeaseTable
@@ -32,7 +33,7 @@ def transport_pair(name: str):
     cls = get_transport_class(name)
     server = cls(src_layout, "127.0.0.1")
     client = cls(dst_layout, "127.0.0.1")
-    server.start(leases.covers)
+    server.start(leases.may_read)
     client.start(lambda *_: False)
     yield server, client, leases, src_caches, dst_caches
     client.close()
@@ -95,26 +96,43 @@ def test_concurrent_reads(pair):
         assert blocks_equal(src, dst, ids, dst_for[rid])
 
 
-def test_read_waits_for_a_lease_granted_late(zmq_pair):
-    server, client, leases, src, dst = zmq_pair
-    threading.Timer(0.3, leases.grant, args=("late", [1, 2])).start()
-    client.read_blocks(server.metadata(), "late", [1, 2], [5, 6], time.monotonic() + 10)
+def test_read_before_the_grant_is_served(zmq_pair):
+    """The scheduler holds the blocks before the worker hears of the lease."""
+    server, client, _, src, dst = zmq_pair
+    client.read_blocks(server.metadata(), "granted-later", [1, 2], [5, 6], time.monotonic() + 10)
     assert blocks_equal(src, dst, [1, 2], [5, 6])
 
 
-def test_unleased_blocks_are_refused(zmq_pair):
+def test_blocks_outside_the_lease_are_refused(zmq_pair):
     server, client, leases, _, _ = zmq_pair
     leases.grant("mine", [1, 2])
     with pytest.raises(TransferError, match="refused"):
         client.read_blocks(server.metadata(), "mine", [1, 2, 3], [4, 5, 6], time.monotonic() + 5)
 
 
-def test_missing_lease_fails_at_the_deadline(zmq_pair):
-    server, client, _, _, _ = zmq_pair
-    started = time.monotonic()
-    with pytest.raises(TransferError, match="deadline"):
-        client.read_blocks(server.metadata(), "nobody", [1], [1], started + 0.5)
-    assert time.monotonic() - started < 2
+def test_read_after_the_lease_ended_is_refused(zmq_pair):
+    server, client, leases, _, _ = zmq_pair
+    leases.grant("done", [1])
+    leases.release("done")
+    with pytest.raises(TransferError, match="lease ended"):
+        client.read_blocks(server.metadata(), "done", [1], [1], time.monotonic() + 5)
+
+
+def test_silent_peer_fails_at_the_deadline():
+    layout, _ = make_layout(seed=None)
+    client = get_transport_class("zmq")(layout, "127.0.0.1")
+    client.start(lambda *_: False)
+    silent = zmq.Context.instance().socket(zmq.ROUTER)  # accepts, never answers
+    port = silent.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        started = time.monotonic()
+        with pytest.raises(TransferError, match="deadline"):
+            client.read_blocks({"endpoint": f"tcp://127.0.0.1:{port}"}, "r", [1], [1],
+                               started + 0.5)  # fmt: skip
+        assert time.monotonic() - started < 2
+    finally:
+        silent.close(linger=0)
+        client.close()
 
 
 def test_unreachable_zmq_peer_fails_within_the_deadline():
@@ -192,8 +210,10 @@ def test_nixl_peer_with_other_layout_is_refused():
 
 def test_transport_is_usable_after_a_failed_read(zmq_pair):
     server, client, leases, src, dst = zmq_pair
+    leases.grant("gone", [1])
+    leases.release("gone")
     with pytest.raises(TransferError):
-        client.read_blocks(server.metadata(), "nobody", [1], [1], time.monotonic() + 0.2)
+        client.read_blocks(server.metadata(), "gone", [1], [1], time.monotonic() + 2)
     leases.grant("after", [9])
     client.read_blocks(server.metadata(), "after", [9], [10], time.monotonic() + 5)
     assert blocks_equal(src, dst, [9], [10])

@@ -115,10 +115,22 @@ class KVConsumer:
             )
             if isinstance(e, HandshakeError):
                 self._counters.add(handshake_failures=1)
+            # The peer may be gone or restarted: the next load handshakes afresh, so a dead
+            # peer costs one handshake deadline rather than a whole transfer deadline.
+            self._forget_peer(spec)
         except Exception:
             logger.exception("pd: KV load of %s crashed; recomputing the prompt", spec.request_id)
         finally:
             self._release(spec, ok, nbytes)
+        logger.debug(
+            "pd: load of %s: %s, %d blocks, %d bytes, %.1f ms (queued %.1f ms)",
+            spec.request_id,
+            "ok" if ok else "failed",
+            len(spec.local_block_ids),
+            nbytes,
+            1000 * (time.monotonic() - started),
+            1000 * (started - (deadline - self._transfer_timeout_s)),
+        )
         if spec.reports_completion:
             if ok:
                 self._counters.add(
@@ -199,6 +211,11 @@ class KVConsumer:
                 continue
             return Peer(transport=transport, metadata=metadata)
         raise HandshakeError(f"no transport works with {where}: " + "; ".join(problems))
+
+    def _forget_peer(self, spec: LoadSpec) -> None:
+        with self._peers_lock:
+            for key in [k for k in self._peers if k[0] == spec.remote_engine_id]:
+                del self._peers[key]
 
     def _release(self, spec: LoadSpec, loaded: bool, nbytes: int) -> None:
         if not spec.remote_host or not spec.remote_ports or self._side_channel is None:

@@ -80,7 +80,7 @@ class BlocksHeader(msgspec.Struct, tag=True):
     """Precedes the data frames of one ``ReadBlocks`` answer (or says why none come)."""
 
     transfer_id: str
-    status: str  # "ok", "not_ready" (lease not granted yet), "refused"
+    status: str  # "ok" or "refused"
     reason: str = ""
     num_frames: int = 0
 

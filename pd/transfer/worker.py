@@ -105,9 +105,9 @@ class PDWorker:
         logger.info("pd: transports %s", [t.name for t in started])
         return started
 
-    def _authorize(self, request_id: str, block_ids: list[int]) -> bool | None:
+    def _authorize(self, request_id: str, block_ids: list[int]) -> bool:
         assert self._producer is not None
-        return self._producer.leases.covers(request_id, block_ids)
+        return self._producer.leases.may_read(request_id, block_ids)
 
     def handshake_metadata(self) -> PDHandshakeMetadata | None:
         if self._producer is None:

@@ -18,9 +18,9 @@ from typing import ClassVar
 
 from pd.transfer.layout import KVCacheLayout
 
-# Asked by a serving transport before it hands out a request's blocks: True when the
-# request's lease covers them, False when it does not, None when no lease exists (yet).
-BlockAuthorizer = Callable[[str, list[int]], bool | None]
+# Asked by a serving transport before it hands out a request's blocks (see
+# ``LeaseTable.may_read``): False when they are not, or no longer, held for it.
+BlockAuthorizer = Callable[[str, list[int]], bool]
 
 TransportMetadata = dict[str, str | int]
 

@@ -36,9 +36,6 @@ from pd.transfer.transport.base import (
 logger = logging.getLogger(__name__)
 
 _POLL_INTERVAL_MS = 100
-# A lease not granted yet (the prefill engine's next step is still to come) is asked
-# for again after this long, doubling up to the cap, until the deadline.
-_NOT_READY_BACKOFF_S = (0.002, 0.05)
 # Above this many runs of consecutive block ids, a region travels as one gathered frame.
 _MAX_FRAMES_PER_REGION = 16
 
@@ -121,13 +118,9 @@ class ZmqTransport(KVTransport):
         def header(status: str, reason: str = "", num_frames: int = 0) -> bytes:
             return msg.encode(msg.BlocksHeader(request.transfer_id, status, reason, num_frames))
 
-        allowed = authorize(request.request_id, request.block_ids)
-        if allowed is None:
-            router.send_multipart([identity, header("not_ready")])
-            return
-        if not allowed:
+        if not authorize(request.request_id, request.block_ids):
             router.send_multipart(
-                [identity, header("refused", "blocks are not leased to this request")]
+                [identity, header("refused", "the lease ended or does not cover these blocks")]
             )
             return
         invalid = [b for b in request.block_ids if not 0 <= b < self.layout.regions[0].num_blocks]
@@ -170,20 +163,10 @@ class ZmqTransport(KVTransport):
         deadline: float,
     ) -> int:
         transfer_id = uuid.uuid4().hex
-        ask = msg.encode(msg.ReadBlocks(transfer_id, request_id, src_block_ids))
-        backoff_s = _NOT_READY_BACKOFF_S[0]
-        sock.send(ask)
-        while True:
-            header = _recv_header(sock, transfer_id, deadline)
-            if header.status == "ok":
-                break
-            if header.status != "not_ready":
-                raise TransferError(f"prefill refused {request_id}: {header.reason}")
-            if time.monotonic() + backoff_s >= deadline:
-                raise TransferError(f"lease for {request_id} not granted before the deadline")
-            time.sleep(backoff_s)
-            backoff_s = min(backoff_s * 2, _NOT_READY_BACKOFF_S[1])
-            sock.send(ask)
+        sock.send(msg.encode(msg.ReadBlocks(transfer_id, request_id, src_block_ids)))
+        header = _recv_header(sock, transfer_id, deadline)
+        if header.status != "ok":
+            raise TransferError(f"prefill refused {request_id}: {header.reason}")
 
         expected = len(self.layout.regions)
         if header.num_frames != expected:
