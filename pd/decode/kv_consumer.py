@@ -1,10 +1,12 @@
 """Decode role, worker side: load prompts' KV from prefill instances.
 
-Each ``LoadSpec`` from the scheduler becomes one job on a small thread pool:
-handshake with the prefill worker (once per peer, cached), read the blocks through
-the transport within the request's deadline, then release the prefill instance's
-lease whatever happened. The engine thread collects results each step; a failed
-load is reported so vLLM recomputes the prompt. Nothing waits without a deadline.
+Each ``LoadSpec`` from the scheduler becomes one job on a thread pool: for a request
+sent alongside its prefill, wait (``rendezvous_timeout_s``) until the prefill worker
+says which blocks hold the prompt; handshake with the prefill worker (once per peer,
+cached); read the blocks through the transport within the request's deadline, at
+most ``max_concurrent_transfers`` at once; then release the prefill instance's lease
+whatever happened. The engine thread collects results each step; a failed load is
+reported so vLLM recomputes the prompt. Nothing waits without a deadline.
 """
 
 from __future__ import annotations
@@ -19,11 +21,14 @@ from dataclasses import dataclass, field
 from pd.transfer.layout import LayoutError
 from pd.transfer.messages import Welcome
 from pd.transfer.metadata import LoadSpec
-from pd.transfer.side_channel import HandshakeError, SideChannelClient
+from pd.transfer.side_channel import HandshakeError, LoadCancelled, SideChannelClient
 from pd.transfer.stats import TransferCounters
 from pd.transfer.transport.base import KVTransport, TransferError, TransportMetadata
 
 logger = logging.getLogger(__name__)
+
+# Loads waiting for their prefill each hold a (mostly sleeping) thread.
+_MAX_LOAD_THREADS = 256
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,7 @@ class KVConsumer:
         transports: list[KVTransport],
         transfer_timeout_s: float,
         handshake_timeout_s: float,
+        rendezvous_timeout_s: float,
         max_concurrent_transfers: int,
         counters: TransferCounters,
     ) -> None:
@@ -55,7 +61,8 @@ class KVConsumer:
         self._transports = transports  # best first; each peer gets the first that works
         self._transfer_timeout_s = transfer_timeout_s
         self._handshake_timeout_s = handshake_timeout_s
-        self._max_concurrent_transfers = max_concurrent_transfers
+        self._rendezvous_timeout_s = rendezvous_timeout_s
+        self._transfer_slots = threading.BoundedSemaphore(max_concurrent_transfers)
         self._counters = counters
         self._engine_id = engine_id
         self._side_channel: SideChannelClient | None = None
@@ -63,20 +70,25 @@ class KVConsumer:
         self._peers: dict[tuple[str, str, int], Peer] = {}
         self._peers_lock = threading.Lock()
         self._results: queue.SimpleQueue[tuple[str, bool]] = queue.SimpleQueue()
+        self._waiting: set[str] = set()  # loads that may wait for their prefill
+        self._cancelled: set[str] = set()
+        self._waiting_lock = threading.Lock()
 
     def start(self) -> None:
         self._side_channel = SideChannelClient(self._engine_id)
-        self._pool = ThreadPoolExecutor(
-            self._max_concurrent_transfers, thread_name_prefix="pd-kv-load"
-        )
+        self._pool = ThreadPoolExecutor(_MAX_LOAD_THREADS, thread_name_prefix="pd-kv-load")
 
-    def submit(self, loads: list[LoadSpec]) -> None:
-        """Start loads in the background. Called on the engine thread, once per step."""
+    def submit(self, loads: list[LoadSpec], cancelled: list[str] = ()) -> None:
+        """Start loads in the background; stop waiting for ended requests' prefills.
+
+        Called on the engine thread, once per step.
+        """
         assert self._pool is not None, "start() first"
-        now = time.monotonic()
+        with self._waiting_lock:
+            self._cancelled.update(r for r in cancelled if r in self._waiting)
+            self._waiting.update(s.request_id for s in loads if s.rendezvous)
         for spec in loads:
-            # The deadline counts from now: time queued behind other loads counts too.
-            self._pool.submit(self._run, spec, now + self._transfer_timeout_s)
+            self._pool.submit(self._run, spec, time.monotonic())
 
     def take_results(self) -> LoadResults:
         """Loads that ended since the last call. ``failed`` is a subset of ``finished``."""
@@ -100,12 +112,17 @@ class KVConsumer:
 
     # --- one load, on a pool thread -------------------------------------------------------
 
-    def _run(self, spec: LoadSpec, deadline: float) -> None:
-        started = time.monotonic()
+    def _run(self, spec: LoadSpec, submitted: float) -> None:
         ok, nbytes = False, 0
+        started = submitted
         try:
-            nbytes = self._load(spec, deadline)
+            if spec.rendezvous and spec.local_block_ids:
+                spec = self._resolve(spec, submitted + self._rendezvous_timeout_s)
+            started = time.monotonic()
+            nbytes = self._load(spec, started + self._transfer_timeout_s)
             ok = True
+        except LoadCancelled as e:
+            logger.info("pd: load of %s cancelled: %s", spec.request_id, e)
         except (HandshakeError, TransferError, LayoutError, ValueError) as e:
             logger.warning(
                 "pd: KV load of %s from %s failed (%s); recomputing the prompt",
@@ -121,15 +138,18 @@ class KVConsumer:
         except Exception:
             logger.exception("pd: KV load of %s crashed; recomputing the prompt", spec.request_id)
         finally:
+            with self._waiting_lock:
+                self._waiting.discard(spec.request_id)
+                self._cancelled.discard(spec.request_id)
             self._release(spec, ok, nbytes)
         logger.debug(
-            "pd: load of %s: %s, %d blocks, %d bytes, %.1f ms (queued %.1f ms)",
+            "pd: load of %s: %s, %d blocks, %d bytes, %.1f ms (after %.1f ms waiting)",
             spec.request_id,
             "ok" if ok else "failed",
             len(spec.local_block_ids),
             nbytes,
             1000 * (time.monotonic() - started),
-            1000 * (started - (deadline - self._transfer_timeout_s)),
+            1000 * (started - submitted),
         )
         if spec.reports_completion:
             if ok:
@@ -141,6 +161,24 @@ class KVConsumer:
                 self._counters.add(transfer_failures=1)
             self._results.put((spec.request_id, ok))
 
+    def _resolve(self, spec: LoadSpec, deadline: float) -> LoadSpec:
+        """Wait until the prefill worker holds the prompt's KV; the load, now addressed."""
+        if not spec.remote_host:
+            raise ValueError("no prefill address in kv_transfer_params")
+        assert self._side_channel is not None
+        answer = self._side_channel.resolve(
+            spec.remote_host,
+            self._port_of(spec),
+            spec.rendezvous,
+            deadline,
+            cancelled=lambda: spec.request_id in self._cancelled,
+        )
+        if answer.engine_id != spec.remote_engine_id:
+            raise HandshakeError(
+                f"prefill engine is {answer.engine_id}, expected {spec.remote_engine_id}"
+            )
+        return spec.resolved(answer.request_id, answer.block_ids)
+
     def _load(self, spec: LoadSpec, deadline: float) -> int:
         if not spec.remote_host:
             raise ValueError("no prefill address in kv_transfer_params")
@@ -148,13 +186,18 @@ class KVConsumer:
             return 0
         port = self._port_of(spec)
         peer = self._peer(spec.remote_engine_id, spec.remote_host, port, deadline)
-        nbytes = peer.transport.read_blocks(
-            peer.metadata,
-            spec.remote_request_id,
-            list(spec.remote_block_ids),
-            list(spec.local_block_ids),
-            deadline,
-        )
+        if not self._transfer_slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise TransferError("no transfer slot free before the deadline")
+        try:
+            nbytes = peer.transport.read_blocks(
+                peer.metadata,
+                spec.remote_request_id,
+                list(spec.remote_block_ids),
+                list(spec.local_block_ids),
+                deadline,
+            )
+        finally:
+            self._transfer_slots.release()
         self._counters.add(**{f"transfers_via_{peer.transport.name}": 1})
         return nbytes
 
@@ -231,4 +274,5 @@ class KVConsumer:
             loaded,
             num_blocks=len(spec.local_block_ids) if loaded else 0,
             nbytes=nbytes,
+            rendezvous=spec.rendezvous,
         )

@@ -11,6 +11,10 @@ Request lifecycle on a decode instance:
 4. The workers report the request in ``finished_recving`` (and in
    ``failed_recving`` on failure, which makes vLLM recompute the prompt). vLLM then
    computes the last prompt token itself and decodes.
+
+A request sent alongside its prefill (``pd_rendezvous``, no block ids yet) goes the
+same way; its worker first waits for the prefill instance to finish the prompt. If
+the request ends meanwhile (the client went away), the workers stop waiting.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ logger = logging.getLogger(__name__)
 class DecodeScheduler:
     def __init__(self) -> None:
         self._loads: list[LoadSpec] = []
+        self._cancelled: list[str] = []
 
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
@@ -51,15 +56,24 @@ class DecodeScheduler:
         self._add_load(request, params, local_block_ids, num_external_tokens > 0)
 
     def request_finished(self, request: Request) -> None:
-        """A request finished before its load was scheduled (an abort): release the lease."""
+        """A request finished before its load was scheduled (an abort): release the lease.
+
+        One whose load may still wait for its prefill stops waiting.
+        """
         params = request.kv_transfer_params
-        if params and params.get("do_remote_prefill"):
+        if not params:
+            return
+        if params.get("do_remote_prefill"):
             params["do_remote_prefill"] = False
             self._add_load(request, params, [], reports_completion=False)
+        elif params.get("pd_rendezvous"):
+            self._cancelled.append(request.request_id)  # the workers ignore ended loads
 
-    def take_loads(self) -> list[LoadSpec]:
-        loads, self._loads = self._loads, []
-        return loads
+    def take_loads(self) -> tuple[list[LoadSpec], list[str]]:
+        """(loads to start, requests whose loads to stop waiting for) since the last call."""
+        loads, cancelled = self._loads, self._cancelled
+        self._loads, self._cancelled = [], []
+        return loads, cancelled
 
     def _add_load(
         self, request: Request, params: dict, local_block_ids: list[int], reports_completion: bool

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 
+from pd.prefill.rendezvous import RendezvousBook
 from pd.transfer.lease import LeaseTable
 from pd.transfer.messages import PROTOCOL_VERSION, Welcome
 from pd.transfer.side_channel import SideChannelServer
@@ -31,6 +32,7 @@ class KVProducer:
         counters: TransferCounters,
     ) -> None:
         self.leases = LeaseTable(lease_timeout_s)
+        self.rendezvous = RendezvousBook(memory_s=2 * lease_timeout_s)
         self._counters = counters
         self._transports = transports
         self._engine_id = engine_id
@@ -49,7 +51,12 @@ class KVProducer:
             transports={t.name: t.metadata() for t in self._transports},
         )
         self._side_channel = SideChannelServer(
-            self._host, self._side_channel_port, welcome, self.leases, self._counters
+            self._host,
+            self._side_channel_port,
+            welcome,
+            self.leases,
+            self.rendezvous,
+            self._counters,
         )
         self._side_channel.start()
 
@@ -58,11 +65,24 @@ class KVProducer:
         assert self._side_channel is not None and self._side_channel.port is not None
         return self._side_channel.port
 
-    def grant(self, leases: dict[str, list[int]]) -> None:
+    def grant(
+        self,
+        leases: dict[str, list[int]],
+        rendezvous: dict[str, str],
+        failed_rendezvous: list[str],
+    ) -> None:
+        """Hold new leases; answer decode workers waiting on their rendezvous."""
         for request_id, block_ids in leases.items():
             self.leases.grant(request_id, block_ids)
+            tag = rendezvous.get(request_id)
+            if tag and not self.rendezvous.fulfil(tag, request_id, block_ids):
+                self.leases.release(request_id)  # decode gave up before the grant
+        for tag in failed_rendezvous:
+            self.rendezvous.fail(tag, "the prefill request ended without KV (aborted?)")
         if leases:
             self._counters.add(leases_granted=len(leases))
+        if (rendezvous or failed_rendezvous) and self._side_channel is not None:
+            self._side_channel.wake()
 
     def take_finished_sending(self) -> set[str]:
         """Requests whose blocks vLLM may free now: released or expired leases."""

@@ -10,6 +10,10 @@ Request lifecycle on a prefill instance:
    (``pd.prefill.kv_producer``); a worker reports the request in
    ``finished_sending`` once the decode side released it or the lease expired,
    and vLLM frees the blocks.
+
+When the proxy sent the decode leg at the same time, both legs carry a
+``pd_rendezvous`` tag: the grant also answers the decode worker already waiting on
+it, and a request that ends without KV tells that worker to stop waiting.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ class PrefillScheduler:
         self._transport = transport
         self._workers: dict[int, PDHandshakeMetadata] = {}
         self._leases_to_grant: dict[str, list[int]] = {}
+        self._rendezvous: dict[str, str] = {}  # request id -> tag, granted with the lease
+        self._failed_rendezvous: list[str] = []
 
     def set_workers(self, workers: dict[int, PDHandshakeMetadata]) -> None:
         """Side-channel address of every TP rank, collected once at start-up."""
@@ -45,22 +51,25 @@ class PrefillScheduler:
         params = request.kv_transfer_params or {}
         if not params.get("do_remote_decode"):
             return False, None
+        tag = str(params.get("pd_rendezvous") or "")
         if request.status not in (
             RequestStatus.FINISHED_LENGTH_CAPPED,
             RequestStatus.FINISHED_STOPPED,
         ):
-            return False, None  # aborted or errored: nothing worth handing over
+            return self._no_kv(tag)  # aborted or errored: nothing worth handing over
         if not block_ids:
-            return False, None
+            return self._no_kv(tag)
         if not self._workers:
             logger.error(
                 "pd: no worker side-channel addresses (handshake metadata missing); "
                 "request %s cannot hand its KV to a decode instance",
                 request.request_id,
             )
-            return False, None
+            return self._no_kv(tag)
 
         self._leases_to_grant[request.request_id] = list(block_ids)
+        if tag:
+            self._rendezvous[request.request_id] = tag
         ranks = sorted(self._workers)
         return True, {
             "do_remote_prefill": True,
@@ -77,6 +86,13 @@ class PrefillScheduler:
             "pd_protocol_version": PROTOCOL_VERSION,
         }
 
-    def take_leases_to_grant(self) -> dict[str, list[int]]:
-        leases, self._leases_to_grant = self._leases_to_grant, {}
-        return leases
+    def take_grants(self) -> tuple[dict[str, list[int]], dict[str, str], list[str]]:
+        """(new leases, their rendezvous tags, failed rendezvous tags) for the workers."""
+        grants = (self._leases_to_grant, self._rendezvous, self._failed_rendezvous)
+        self._leases_to_grant, self._rendezvous, self._failed_rendezvous = {}, {}, []
+        return grants
+
+    def _no_kv(self, tag: str) -> tuple[bool, None]:
+        if tag:
+            self._failed_rendezvous.append(tag)
+        return False, None

@@ -37,6 +37,9 @@ class PDConnectorConfig:
     """Decode side: deadline for the first contact with a prefill instance."""
     max_concurrent_transfers: int = 4
     """Decode side: loads running at once (more wait their turn, within the deadline)."""
+    rendezvous_timeout_s: float = 120.0
+    """Decode side: how long a request sent alongside its prefill waits for the prefill
+    instance to finish the prompt before decode recomputes it."""
     load_failure_policy: str = "recompute"
     """What vLLM does when a load fails: ``recompute`` the prompt locally or ``fail``."""
 
@@ -50,7 +53,12 @@ class PDConnectorConfig:
             )
         if not 0 <= self.side_channel_port <= 65535:
             raise ConfigError(f"side_channel_port: must be 0-65535, got {self.side_channel_port}")
-        for name in ("lease_timeout_s", "transfer_timeout_s", "handshake_timeout_s"):
+        for name in (
+            "lease_timeout_s",
+            "transfer_timeout_s",
+            "handshake_timeout_s",
+            "rendezvous_timeout_s",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be > 0 seconds, got {getattr(self, name)}")
         if self.max_concurrent_transfers < 1:

@@ -124,10 +124,14 @@ class PDConnector(KVConnectorBase_V1):
             self._decode.update_state_after_alloc(request, blocks, num_external_tokens)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
-        return PDConnectorMetadata(
-            leases=self._prefill.take_leases_to_grant() if self._prefill else {},
-            loads=self._decode.take_loads() if self._decode else [],
-        )
+        metadata = PDConnectorMetadata()
+        if self._prefill is not None:
+            metadata.leases, metadata.rendezvous, metadata.failed_rendezvous = (
+                self._prefill.take_grants()
+            )
+        if self._decode is not None:
+            metadata.loads, metadata.cancelled_loads = self._decode.take_loads()
+        return metadata
 
     def request_finished(
         self, request: Request, block_ids: list[int]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import msgspec
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 
 class RegionSpec(msgspec.Struct, frozen=True):
@@ -51,12 +51,33 @@ class Welcome(msgspec.Struct, tag=True):
 
 
 class Release(msgspec.Struct, tag=True):
-    """The decode side is done with a lease (loaded or gave up): free the blocks."""
+    """The decode side is done with a lease (loaded or gave up): free the blocks.
+
+    Names the request, or only the rendezvous when decode gave up before it resolved.
+    """
 
     request_id: str
     loaded: bool
     num_blocks: int = 0  # what the decode side read, for the prefill side's stats
     nbytes: int = 0
+    rendezvous: str = ""
+
+
+class Resolve(msgspec.Struct, tag=True):
+    """Which prefill request and blocks hold the prompt sent with ``rendezvous``?
+
+    Asked by a decode worker that got its request at the same time as the prefill
+    instance; answered (``Resolved`` or ``Refused``) once that prompt's KV is held.
+    """
+
+    rendezvous: str
+
+
+class Resolved(msgspec.Struct, tag=True):
+    rendezvous: str
+    engine_id: str
+    request_id: str
+    block_ids: list[int]
 
 
 class Refused(msgspec.Struct, tag=True):
@@ -85,7 +106,7 @@ class BlocksHeader(msgspec.Struct, tag=True):
     num_frames: int = 0
 
 
-Message = Hello | Welcome | Release | Refused | ReadBlocks | BlocksHeader
+Message = Hello | Welcome | Release | Resolve | Resolved | Refused | ReadBlocks | BlocksHeader
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

@@ -8,7 +8,7 @@ with ``get_handshake_metadata`` and hands it to ``set_xfer_handshake_metadata``)
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
@@ -30,7 +30,9 @@ class LoadSpec:
     """One decode-side load: read ``remote_block_ids`` into ``local_block_ids``.
 
     An empty ``local_block_ids`` (decode's prefix cache already held everything) only
-    releases the prefill instance's lease.
+    releases the prefill instance's lease. With a ``rendezvous`` the request was sent
+    to decode alongside its prefill: the remote request and blocks are not known yet
+    and are asked for (``resolved``) before reading.
     """
 
     request_id: str
@@ -41,14 +43,30 @@ class LoadSpec:
     remote_block_ids: tuple[int, ...]
     local_block_ids: tuple[int, ...]
     reports_completion: bool  # the scheduler waits for this request's load to finish
+    rendezvous: str = ""
+
+    def resolved(self, remote_request_id: str, remote_block_ids: list[int]) -> LoadSpec:
+        """This load once the prefill side said where the prompt's KV is."""
+        return replace(
+            self,
+            remote_request_id=remote_request_id,
+            remote_block_ids=tuple(_tail(remote_block_ids, list(self.local_block_ids))),
+            rendezvous="",
+        )
 
 
 @dataclass
 class PDConnectorMetadata(KVConnectorMetadata):
     leases: dict[str, list[int]] = field(default_factory=dict)
     """Prefill side: requests whose blocks are now held for a decode instance."""
+    rendezvous: dict[str, str] = field(default_factory=dict)
+    """Prefill side: request id -> rendezvous, for leases a decode worker may wait on."""
+    failed_rendezvous: list[str] = field(default_factory=list)
+    """Prefill side: rendezvous whose prefill request ended without KV."""
     loads: list[LoadSpec] = field(default_factory=list)
     """Decode side: loads to start this step."""
+    cancelled_loads: list[str] = field(default_factory=list)
+    """Decode side: requests that ended while their load may still wait for prefill."""
 
 
 def load_spec_from_params(
@@ -60,28 +78,36 @@ def load_spec_from_params(
     """
     try:
         ports = params.get("remote_ports") or [params["remote_port"]]
-        remote_block_ids = [int(b) for b in params["remote_block_ids"]]
-        # Decode's own prefix cache holds the leading blocks: pull only the tail.
-        if local_block_ids:
-            if len(local_block_ids) > len(remote_block_ids):
-                raise ValueError(
-                    f"{len(local_block_ids)} blocks to load but the prefill instance "
-                    f"holds {len(remote_block_ids)}"
-                )
-            remote_block_ids = remote_block_ids[len(remote_block_ids) - len(local_block_ids) :]
+        rendezvous = str(params.get("pd_rendezvous") or "")
+        if rendezvous:
+            remote_request_id, remote_block_ids = "", []  # asked for before reading
         else:
-            remote_block_ids = []
+            remote_request_id = str(params["remote_request_id"])
+            remote_block_ids = _tail([int(b) for b in params["remote_block_ids"]], local_block_ids)
         return LoadSpec(
             request_id=request_id,
-            remote_request_id=str(params["remote_request_id"]),
+            remote_request_id=remote_request_id,
             remote_engine_id=str(params["remote_engine_id"]),
             remote_host=str(params["remote_host"]),
             remote_ports=tuple(int(p) for p in ports),
             remote_block_ids=tuple(remote_block_ids),
             local_block_ids=tuple(local_block_ids),
             reports_completion=reports_completion,
+            rendezvous=rendezvous,
         )
     except KeyError as e:
         raise ValueError(f"kv_transfer_params lacks {e.args[0]!r}") from None
     except (TypeError, ValueError) as e:
         raise ValueError(f"malformed kv_transfer_params: {e}") from None
+
+
+def _tail(remote_block_ids: list[int], local_block_ids: list[int]) -> list[int]:
+    """Decode's own prefix cache holds the leading blocks: pull only the tail."""
+    if not local_block_ids:
+        return []
+    if len(local_block_ids) > len(remote_block_ids):
+        raise ValueError(
+            f"{len(local_block_ids)} blocks to load but the prefill instance "
+            f"holds {len(remote_block_ids)}"
+        )
+    return remote_block_ids[len(remote_block_ids) - len(local_block_ids) :]

@@ -1,22 +1,28 @@
-"""The side channel: handshakes and lease releases between decode and prefill workers.
+"""The side channel: handshakes, rendezvous and lease releases between the roles.
 
 Each prefill worker serves one ROUTER socket (a free port unless configured; the
 scheduler advertises it in ``kv_transfer_params``). A decode worker says ``Hello``
 once per prefill worker and learns its KV layout and transport endpoint from the
-``Welcome``; after each load (or when giving up) it sends ``Release`` so the prefill
-worker frees the blocks before the lease would expire. The side channel is the same
-for every transport.
+``Welcome``; a decode request sent alongside its prefill asks ``Resolve`` for the
+blocks it will read (answered once the prefill engine holds them, see
+``pd.prefill.rendezvous``); after each load (or when giving up) it sends ``Release``
+so the prefill worker frees the blocks before the lease would expire. The side
+channel is the same for every transport.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
 import time
+from collections.abc import Callable
 
 import msgspec
 import zmq
 
+from pd.prefill.rendezvous import RendezvousBook
 from pd.transfer import messages as msg
 from pd.transfer.lease import LeaseTable
 from pd.transfer.stats import TransferCounters
@@ -24,14 +30,23 @@ from pd.transfer.stats import TransferCounters
 logger = logging.getLogger(__name__)
 
 _POLL_INTERVAL_MS = 100
+_CANCEL_CHECK_MS = 50
 
 
 class HandshakeError(RuntimeError):
     """The prefill worker could not be reached or refused us within the deadline."""
 
 
+class LoadCancelled(RuntimeError):
+    """The decode request ended (an abort) while its load waited."""
+
+
 class SideChannelServer:
-    """Prefill side: answers ``Hello`` and applies ``Release``. One thread."""
+    """Prefill side: answers ``Hello`` and ``Resolve``, applies ``Release``. One thread.
+
+    ``wake()`` (any thread) makes it answer parked ``Resolve`` questions whose
+    rendezvous the book now knows.
+    """
 
     def __init__(
         self,
@@ -39,17 +54,28 @@ class SideChannelServer:
         port: int,
         welcome: msg.Welcome,
         leases: LeaseTable,
+        rendezvous: RendezvousBook,
         counters: TransferCounters,
     ) -> None:
         self._host = host
         self._counters = counters
         self._requested_port = port
         self._welcome = msg.encode(welcome)
+        self._engine_id = welcome.engine_id
         self._leases = leases
+        self._book = rendezvous
+        # rendezvous -> (when first asked, asking identities); answered on wake()
+        self._parked: dict[str, tuple[float, list[bytes]]] = {}
+        self._wake_read, self._wake_write = os.pipe()
+        os.set_blocking(self._wake_write, False)
         self._context: zmq.Context | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.port: int | None = None
+
+    def wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):  # a full pipe wakes the thread anyway
+            os.write(self._wake_write, b"!")
 
     def start(self) -> None:
         self._context = zmq.Context()
@@ -80,40 +106,84 @@ class SideChannelServer:
         if self._context is not None:
             self._context.term()
             self._context = None
+        for fd in (self._wake_read, self._wake_write):
+            os.close(fd)
 
     def _serve(self, router: zmq.Socket) -> None:
+        poller = zmq.Poller()
+        poller.register(router, zmq.POLLIN)
+        poller.register(self._wake_read, zmq.POLLIN)
         try:
+            housekeeping_at = time.monotonic()
             while not self._stop.is_set():
-                if not router.poll(_POLL_INTERVAL_MS):
-                    continue
-                frames = router.recv_multipart()
-                if len(frames) != 2:
-                    continue
-                identity, payload = frames
-                try:
-                    message = msg.decode(payload)
-                except msgspec.DecodeError:
-                    logger.warning("pd side channel: dropped an undecodable message")
-                    continue
-                if isinstance(message, msg.Hello):
-                    if message.protocol_version != msg.PROTOCOL_VERSION:
-                        reply = msg.encode(
-                            msg.Refused(
-                                f"protocol version {message.protocol_version} is not "
-                                f"{msg.PROTOCOL_VERSION}: run the same pd version on both sides"
-                            )
-                        )
-                    else:
-                        reply = self._welcome
-                    router.send_multipart([identity, reply])
-                elif isinstance(message, msg.Release):
-                    self._leases.release(message.request_id)
-                    if message.loaded:
-                        self._counters.add(
-                            blocks_sent=message.num_blocks, bytes_sent=message.nbytes
-                        )
+                events = dict(poller.poll(_POLL_INTERVAL_MS))
+                if time.monotonic() >= housekeeping_at:
+                    housekeeping_at = time.monotonic() + 1.0
+                    self._forget_old()
+                if self._wake_read in events:
+                    os.read(self._wake_read, 4096)
+                    self._answer_parked(router)
+                while router.poll(0):
+                    frames = router.recv_multipart()
+                    if len(frames) == 2:
+                        self._handle(router, *frames)
         finally:
             router.close(linger=0)
+
+    def _handle(self, router: zmq.Socket, identity: bytes, payload: bytes) -> None:
+        try:
+            message = msg.decode(payload)
+        except msgspec.DecodeError:
+            logger.warning("pd side channel: dropped an undecodable message")
+            return
+        if isinstance(message, msg.Hello):
+            if message.protocol_version != msg.PROTOCOL_VERSION:
+                reply = msg.encode(
+                    msg.Refused(
+                        f"protocol version {message.protocol_version} is not "
+                        f"{msg.PROTOCOL_VERSION}: run the same pd version on both sides"
+                    )
+                )
+            else:
+                reply = self._welcome
+            router.send_multipart([identity, reply])
+        elif isinstance(message, msg.Resolve):
+            if self._book.outcome(message.rendezvous) is None:
+                parked = self._parked.setdefault(message.rendezvous, (time.monotonic(), []))
+                parked[1].append(identity)
+            else:
+                router.send_multipart([identity, self._answer(message.rendezvous)])
+        elif isinstance(message, msg.Release):
+            request_id = message.request_id
+            if not request_id and message.rendezvous:
+                self._parked.pop(message.rendezvous, None)
+                request_id = self._book.cancel(message.rendezvous) or ""
+            if request_id:
+                self._leases.release(request_id)
+            if message.loaded:
+                self._counters.add(blocks_sent=message.num_blocks, bytes_sent=message.nbytes)
+
+    def _answer_parked(self, router: zmq.Socket) -> None:
+        for rendezvous in [r for r in self._parked if self._book.outcome(r) is not None]:
+            reply = self._answer(rendezvous)
+            for identity in self._parked.pop(rendezvous)[1]:
+                router.send_multipart([identity, reply])
+
+    def _forget_old(self) -> None:
+        """Questions whose asker never came back, and old book entries."""
+        horizon = time.monotonic() - self._book.memory_s
+        for rendezvous in [r for r, (t, _) in self._parked.items() if t <= horizon]:
+            del self._parked[rendezvous]
+        self._book.forget_old()
+
+    def _answer(self, rendezvous: str) -> bytes:
+        outcome = self._book.outcome(rendezvous)
+        assert outcome is not None
+        if outcome.error:
+            return msg.encode(msg.Refused(outcome.error))
+        return msg.encode(
+            msg.Resolved(rendezvous, self._engine_id, outcome.request_id, list(outcome.block_ids))
+        )
 
 
 class SideChannelClient:
@@ -149,6 +219,43 @@ class SideChannelClient:
             raise HandshakeError(f"unexpected answer {type(reply).__name__} from {host}:{port}")
         return reply
 
+    def resolve(
+        self,
+        host: str,
+        port: int,
+        rendezvous: str,
+        deadline: float,
+        cancelled: Callable[[], bool],
+    ) -> msg.Resolved:
+        """Wait until the prefill worker holds the KV of ``rendezvous``; say where it is.
+
+        Raises ``HandshakeError`` on refusal or deadline, ``LoadCancelled`` once
+        ``cancelled()`` turns true (checked a few times a second).
+        """
+        sock = self._context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        try:
+            sock.connect(f"tcp://{host}:{port}")
+            sock.send(msg.encode(msg.Resolve(rendezvous)))
+            while True:
+                remaining_ms = int((deadline - time.monotonic()) * 1000)
+                if remaining_ms <= 0:
+                    raise HandshakeError(f"prefill {host}:{port} did not finish the prompt in time")
+                if sock.poll(min(remaining_ms, _CANCEL_CHECK_MS)):
+                    reply = msg.decode(sock.recv())
+                    break
+                if cancelled():
+                    raise LoadCancelled(f"request ended while waiting for {host}:{port}")
+        except msgspec.DecodeError as e:
+            raise HandshakeError(f"garbled answer from {host}:{port}: {e}") from e
+        finally:
+            sock.close(linger=0)
+        if isinstance(reply, msg.Refused):
+            raise HandshakeError(f"prefill {host}:{port} has no KV for it: {reply.reason}")
+        if not isinstance(reply, msg.Resolved):
+            raise HandshakeError(f"unexpected answer {type(reply).__name__} from {host}:{port}")
+        return reply
+
     def release(
         self,
         host: str,
@@ -157,8 +264,12 @@ class SideChannelClient:
         loaded: bool,
         num_blocks: int = 0,
         nbytes: int = 0,
+        rendezvous: str = "",
     ) -> None:
-        """Tell the prefill worker it may free ``request_id``'s blocks. Never blocks."""
+        """Tell the prefill worker it may free ``request_id``'s blocks. Never blocks.
+
+        Without a ``request_id`` (not resolved yet) the rendezvous names the lease.
+        """
         sockets: dict[str, zmq.Socket] = self._local.__dict__.setdefault("sockets", {})
         endpoint = f"tcp://{host}:{port}"
         sock = sockets.get(endpoint)
@@ -171,7 +282,8 @@ class SideChannelClient:
             with self._lock:
                 self._sockets.append(sock)
         try:
-            sock.send(msg.encode(msg.Release(request_id, loaded, num_blocks, nbytes)), zmq.NOBLOCK)
+            release = msg.Release(request_id, loaded, num_blocks, nbytes, rendezvous)
+            sock.send(msg.encode(release), zmq.NOBLOCK)
         except zmq.Again:
             # The peer is unreachable and the queue is full: its lease expiry frees it.
             logger.warning("pd: could not queue the release of %s to %s", request_id, endpoint)

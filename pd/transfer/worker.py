@@ -83,6 +83,7 @@ class PDWorker:
                 transports=self._transports,
                 transfer_timeout_s=self._config.transfer_timeout_s,
                 handshake_timeout_s=self._config.handshake_timeout_s,
+                rendezvous_timeout_s=self._config.rendezvous_timeout_s,
                 max_concurrent_transfers=self._config.max_concurrent_transfers,
                 counters=self.counters,
             )
@@ -118,12 +119,12 @@ class PDWorker:
 
     def start_step(self, metadata: PDConnectorMetadata) -> None:
         """Apply one step's metadata: grant new leases, start new loads."""
-        if metadata.leases:
+        if metadata.leases or metadata.failed_rendezvous:
             assert self._producer is not None
-            self._producer.grant(metadata.leases)
-        if metadata.loads:
+            self._producer.grant(metadata.leases, metadata.rendezvous, metadata.failed_rendezvous)
+        if metadata.loads or metadata.cancelled_loads:
             assert self._consumer is not None, "loads scheduled on an instance without kv_consumer"
-            self._consumer.submit(metadata.loads)
+            self._consumer.submit(metadata.loads, metadata.cancelled_loads)
 
     def transfer_results(self) -> tuple[set[str], set[str], set[str]]:
         """(finished_sending, finished_recving, failed_recving) since the last call."""
