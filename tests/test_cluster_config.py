@@ -27,6 +27,14 @@ BAD_CONFIGS = [
     ("model: {preset: tiny}\ntransport: rdma", "transport"),
     ("model: {preset: tiny}\nproxy: {port: 70000}", "proxy.port"),
     ("model: {preset: tiny}\nproxy: {routing: random}", "proxy.routing"),
+    ("model: {preset: tiny}\nproxy: {max_n: 0}", "proxy.max_n"),
+    ("model: {preset: tiny}\nproxy: {max_body_bytes: 10}", "proxy.max_body_bytes"),
+    ("model: {preset: tiny}\nproxy: {api_key: ''}", "proxy.api_key"),
+    ("model: {preset: tiny}\nproxy: {api_key: k, api_key_env: HOME}", "at most one of"),
+    (
+        "model: {preset: tiny}\nproxy: {api_key_env: PD_TEST_NO_SUCH_VAR}",
+        "proxy.api_key_env: environment variable PD_TEST_NO_SUCH_VAR is not set",
+    ),
     ("model: {preset: tiny}\nengine_args: {port: 9}", "set by pd itself"),
     ("model: {preset: tiny}\ndecode: {engine_args: {kv-transfer-config: x}}", "set by pd itself"),
     ("model: {preset: tiny}\nconnector: {lease_timeout_s: -1}", "connector.lease_timeout_s"),
@@ -83,15 +91,20 @@ def test_help_documents_every_key(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     for key in ("model.preset", "prefill.resources.gpus", "proxy.routing", "ray.address",
-                "timeouts.drain_s", "connector.lease_timeout_s", "transport"):  # fmt: skip
+                "timeouts.drain_s", "connector.lease_timeout_s", "transport",
+                "proxy.max_body_bytes", "proxy.max_n", "proxy.api_key_env"):  # fmt: skip
         assert key in out
 
 
-def test_local_plan_gives_each_instance_its_own_core():
+def test_local_plan_gives_each_instance_its_own_core(monkeypatch):
+    monkeypatch.delenv("UCX_NET_DEVICES", raising=False)
     plan = make_plan(load_config(CONFIGS / "local.yaml"), available_cores=[0, 1])
     by_name = {i.name: i for i in plan.instances}
     assert by_name["pd-prefill-0"].env["VLLM_CPU_OMP_THREADS_BIND"] == "0"
     assert by_name["pd-decode-0"].env["VLLM_CPU_OMP_THREADS_BIND"] == "1"
+    for inst in plan.instances:  # everything on loopback, NIXL's UCX listeners included
+        assert inst.host == "127.0.0.1"
+        assert inst.env["UCX_NET_DEVICES"] == "lo"
     assert not plan.warnings
     assert "kv_producer" in " ".join(by_name["pd-prefill-0"].vllm_args)
     assert "kv_consumer" in " ".join(by_name["pd-decode-0"].vllm_args)
@@ -129,3 +142,44 @@ def test_engine_args_to_cli():
         "--max-model-len", "2048", "--enforce-eager", "--no-enable-prefix-caching",
         "--override-generation-config", '{"temperature": 0}',
     ]  # fmt: skip
+
+
+def test_api_key_from_the_environment(tmp_path, monkeypatch):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {preset: tiny}\nproxy: {api_key_env: PD_TEST_KEY}")
+    monkeypatch.setenv("PD_TEST_KEY", "from-env")
+    proxy = load_config(path).proxy
+    assert proxy.resolved_api_key() == "from-env"
+    assert "from-env" not in repr(proxy)
+    path.write_text("model: {preset: tiny}\nproxy: {api_key: in-file}")
+    assert load_config(path).proxy.resolved_api_key() == "in-file"
+    assert "in-file" not in repr(load_config(path))
+    path.write_text("model: {preset: tiny}")
+    assert load_config(path).proxy.resolved_api_key() is None
+
+
+def test_plan_warns_about_an_open_proxy_without_key(tmp_path, monkeypatch):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {preset: tiny}\nproxy: {host: 0.0.0.0}")
+    plan = make_plan(load_config(path), available_cores=[0, 1])
+    assert any("no API key" in w for w in plan.warnings)
+    monkeypatch.setenv("PD_TEST_KEY", "k")
+    path.write_text("model: {preset: tiny}\nproxy: {host: 0.0.0.0, api_key_env: PD_TEST_KEY}")
+    assert not make_plan(load_config(path), available_cores=[0, 1]).warnings
+    plan = make_plan(load_config(CONFIGS / "local.yaml"), available_cores=[0, 1])
+    assert not plan.warnings  # loopback
+
+
+def test_proxy_limits_reach_the_proxy(tmp_path):
+    from pd.cli.runner import _decode_max_model_len
+
+    plan = make_plan(load_config(CONFIGS / "local.yaml"), available_cores=[0, 1])
+    assert _decode_max_model_len(plan) == 2048
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "model: {preset: tiny}\nengine_args: {max_model_len: 4096}\n"
+        "decode: {engine_args: {max-model-len: '1024'}}"
+    )
+    assert _decode_max_model_len(make_plan(load_config(path), available_cores=[0, 1])) == 1024
+    path.write_text("model: {preset: tiny}\nengine_args: {max_model_len: 4k}")
+    assert _decode_max_model_len(make_plan(load_config(path), available_cores=[0, 1])) is None

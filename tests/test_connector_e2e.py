@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 
 import httpx
 import pytest
@@ -34,7 +35,8 @@ def servers(tiny_model, reference_server, transport):
         test_server("prefill", tiny_model, cpu="0",
                     extra_config={"lease_timeout_s": 120, "transport": transport}),
         test_server("decode", tiny_model, cpu="1",
-                    extra_config={"handshake_timeout_s": 3, "transport": transport}),
+                    extra_config={"handshake_timeout_s": 3, "rendezvous_timeout_s": 5,
+                                  "transport": transport}),
     ]  # fmt: skip
     try:
         for server in started:
@@ -81,6 +83,30 @@ async def prefill_then_decode(client, servers, payload: dict) -> tuple[dict, dic
         client, servers["decode"].url, {**payload, "kv_transfer_params": params}
     )
     return params, decode
+
+
+KV_ADDRESS_KEYS = ("remote_engine_id", "remote_host", "remote_port", "remote_ports", "tp_size")
+
+
+async def both_at_once(client, servers, payload: dict, address: dict) -> dict:
+    """The concurrent flow: both legs at once, tied by a rendezvous tag."""
+    tag = uuid.uuid4().hex
+    prefill_leg = {
+        **payload,
+        "max_tokens": 1,
+        "kv_transfer_params": {"do_remote_decode": True, "pd_rendezvous": tag},
+    }
+    decode_leg = {**payload, "kv_transfer_params": {**address, "do_remote_prefill": True,
+                                                    "pd_rendezvous": tag}}  # fmt: skip
+    _, decode = await asyncio.gather(
+        complete(client, servers["prefill"].url, prefill_leg),
+        complete(client, servers["decode"].url, decode_leg),
+    )
+    return decode
+
+
+def kv_address(client_params: dict) -> dict:
+    return {k: client_params[k] for k in KV_ADDRESS_KEYS}
 
 
 def token_ids(response: dict) -> list[int]:
@@ -144,6 +170,95 @@ def test_concurrent_requests(servers, tiny_model):
         assert token_ids(decode) == token_ids(reference)
     after = servers["decode"].metrics()
     assert grew(before, after, "vllm:pd_kv_transfers_total") == 8
+
+
+@pytest.mark.parametrize("num_tokens", [1, 129, 1500])
+def test_both_legs_at_once_equal_single_engine(servers, tiny_model, transport, num_tokens):
+    payloads = [body(tiny_model, prompt_of(num_tokens + i, salt=3000 + num_tokens + i))
+                for i in range(3)]  # fmt: skip
+
+    async def go():
+        async with httpx.AsyncClient() as client:
+            params, _ = await prefill_then_decode(
+                client, servers, body(tiny_model, prompt_of(5, salt=num_tokens))
+            )
+            before = servers["decode"].metrics()
+            decodes = await asyncio.gather(
+                *(both_at_once(client, servers, p, kv_address(params)) for p in payloads)
+            )
+            after = servers["decode"].metrics()
+            references = await asyncio.gather(
+                *(complete(client, servers["reference"].url, p) for p in payloads)
+            )
+            return decodes, references, before, after
+
+    decodes, references, before, after = run(go())
+    for decode, reference in zip(decodes, references, strict=True):
+        assert token_ids(decode) == token_ids(reference)
+    delta = {name: grew(before, after, name) for name in after}
+    assert delta["vllm:pd_kv_transfer_failures_total"] == 0
+    assert delta["vllm:pd_kv_transfers_total"] == 3
+    if num_tokens > 1:
+        assert delta[f"vllm:pd_kv_transfers_via_{transport}_total"] == 3
+    assert delta['vllm:prompt_tokens_by_source_total{source="local_compute"}'] <= 3
+
+
+def test_rendezvous_nobody_answers_makes_decode_recompute(servers, tiny_model):
+    """A tag the prefill instance never sees: decode waits out rendezvous_timeout_s
+    (5 s here) and recomputes; same output."""
+
+    async def go():
+        async with httpx.AsyncClient() as client:
+            params, _ = await prefill_then_decode(
+                client, servers, body(tiny_model, prompt_of(5, salt=41))
+            )
+            payload = body(tiny_model, prompt_of(300, salt=42))
+            params = {**kv_address(params), "do_remote_prefill": True, "pd_rendezvous": "lost"}
+            started = time.monotonic()
+            decode = await complete(
+                client, servers["decode"].url, {**payload, "kv_transfer_params": params}
+            )
+            elapsed = time.monotonic() - started
+            reference = await complete(client, servers["reference"].url, payload)
+            return decode, reference, elapsed
+
+    before = servers["decode"].metrics()
+    decode, reference, elapsed = run(go())
+    assert token_ids(decode) == token_ids(reference)
+    assert elapsed < 60  # the 5 s rendezvous deadline, then a local prefill
+    assert grew(before, servers["decode"].metrics(), "vllm:pd_kv_transfer_failures_total") == 1
+
+
+def test_abandoned_rendezvous_frees_both_sides(servers, tiny_model):
+    """The client gives up while decode waits for its prefill: decode frees its blocks,
+    and the prefill instance releases the lease as soon as it is granted (long before
+    the 120 s lease would expire)."""
+    tag = uuid.uuid4().hex
+    payload = body(tiny_model, prompt_of(700, salt=43))
+
+    async def go():
+        async with httpx.AsyncClient() as client:
+            params, _ = await prefill_then_decode(
+                client, servers, body(tiny_model, prompt_of(5, salt=44))
+            )
+            params = {**kv_address(params), "do_remote_prefill": True, "pd_rendezvous": tag}
+            waiting = asyncio.ensure_future(
+                complete(client, servers["decode"].url, {**payload, "kv_transfer_params": params})
+            )
+            await asyncio.sleep(1.0)
+            assert not waiting.done()
+            waiting.cancel()  # closes the connection: vLLM aborts the request
+            await asyncio.sleep(1.0)
+            prefill_leg = {
+                **payload,
+                "max_tokens": 1,
+                "kv_transfer_params": {"do_remote_decode": True, "pd_rendezvous": tag},
+            }
+            await complete(client, servers["prefill"].url, prefill_leg)  # fmt: skip
+
+    run(go())
+    assert wait_for_usage(servers["decode"], 0.0, timeout_s=20) == 0.0
+    assert wait_for_usage(servers["prefill"], 0.0, timeout_s=20) == 0.0
 
 
 def test_decode_pulls_only_blocks_its_prefix_cache_lacks(servers, tiny_model):

@@ -46,6 +46,8 @@ def run_cluster(plan: ClusterPlan) -> int:
     signal.signal(signal.SIGTERM, _raise_stop)
     config = plan.config
     cluster = Cluster(plan)
+    for warning in plan.warnings:
+        print(f"pd-serve: warning: {warning}", file=sys.stderr)
     print(f"pd-serve: starting {len(plan.instances)} instances (logs in {cluster.log_dir})")
     try:
         cluster.start(progress=lambda line: print(f"pd-serve: {line}", flush=True))
@@ -84,6 +86,11 @@ async def _serve(cluster: Cluster, plan: ClusterPlan) -> int:
             ProxySettings(
                 served_model_name=config.served_model_name,
                 request_timeout_s=config.timeouts.request_s,
+                flow=config.proxy.flow,
+                max_body_bytes=config.proxy.max_body_bytes,
+                max_n=config.proxy.max_n,
+                max_model_len=_decode_max_model_len(plan),
+                api_key=config.proxy.resolved_api_key(),
             ),
             http,
         )
@@ -97,7 +104,8 @@ async def _serve(cluster: Cluster, plan: ClusterPlan) -> int:
             )
         )
         endpoint = f"http://{config.proxy.host}:{config.proxy.port}"
-        print(f"pd-serve: OpenAI API at {endpoint}/v1 (model {config.served_model_name!r})")
+        key = ", API key required" if config.proxy.resolved_api_key() else ""
+        print(f"pd-serve: OpenAI API at {endpoint}/v1 (model {config.served_model_name!r}{key})")
         dashboard = cluster.dashboard_url()
         auth = (
             " (token auth: paste the token from ~/.ray/auth_token, or run `ray get-auth-token`)"
@@ -108,3 +116,15 @@ async def _serve(cluster: Cluster, plan: ClusterPlan) -> int:
         print("pd-serve: Ctrl-C to stop", flush=True)
         await server.serve()
         return 0 if server.started else 1
+
+
+def _decode_max_model_len(plan: ClusterPlan) -> int | None:
+    """Decode's ``max_model_len`` when the config states it as a number (vLLM also takes
+    forms like ``4k``; then only vLLM checks ``max_tokens`` against it)."""
+    config = plan.config
+    value = {**config.engine_args, **config.decode.engine_args}.get("max_model_len")
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    return None

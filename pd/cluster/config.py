@@ -6,6 +6,7 @@ every mistake is reported as ``<key.path>: <what is wrong>``.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -79,6 +80,38 @@ class ProxySpec(_Strict):
     routing: Literal["round_robin", "least_loaded"] = "round_robin"
     """``round_robin``, or ``least_loaded`` (prefill by outstanding prompt tokens,
     decode by outstanding requests)."""
+    flow: Literal["concurrent", "sequential"] = "concurrent"
+    """``concurrent``: send each request to its prefill and decode instances at once
+    (decode waits for the KV; lower time to first token). ``sequential``: prefill first."""
+    max_body_bytes: Annotated[int, Field(ge=1024)] = 32 * 1024 * 1024
+    """Largest request body accepted, in bytes (declared or streamed); larger: 413."""
+    max_n: Annotated[int, Field(ge=1)] = 16
+    """Largest ``n`` (choices per request) accepted; larger: 400."""
+    api_key: Annotated[str, Field(min_length=1)] | None = Field(default=None, repr=False)
+    """If set, every /v1/* request must send ``Authorization: Bearer <key>`` (else 401);
+    /health and /metrics stay open. Prefer api_key_env: it keeps the key out of the file."""
+    api_key_env: Annotated[str, Field(min_length=1)] | None = None
+    """Name of an environment variable holding the API key, read at start-up (it must be
+    set and non-empty then), e.g. ``PD_API_KEY``. Exclusive with api_key."""
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_set(cls, name: str | None) -> str | None:
+        if name is not None and not os.environ.get(name):
+            raise ValueError(f"environment variable {name} is not set (or empty)")
+        return name
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> ProxySpec:
+        if self.api_key is not None and self.api_key_env is not None:
+            raise ValueError("give at most one of proxy.api_key and proxy.api_key_env")
+        return self
+
+    def resolved_api_key(self) -> str | None:
+        """The key clients must send, or None when the API is open."""
+        if self.api_key_env is not None:
+            return os.environ[self.api_key_env]
+        return self.api_key
 
 
 class ConnectorSpec(_Strict):
@@ -92,6 +125,9 @@ class ConnectorSpec(_Strict):
     """Decode: deadline of the first contact with a prefill instance."""
     max_concurrent_transfers: Annotated[int, Field(ge=1)] = 4
     """Decode: KV loads running at once."""
+    rendezvous_timeout_s: Annotated[float, Field(gt=0)] = 120
+    """Decode (concurrent flow): how long a request waits for its prefill instance to
+    finish the prompt before decode recomputes it."""
 
 
 class Timeouts(_Strict):

@@ -6,6 +6,7 @@ both always agree.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import os
@@ -94,6 +95,8 @@ def make_plan(config: ClusterConfig, available_cores: list[int] | None = None) -
     for role, spec in (("prefill", config.prefill), ("decode", config.decode)):
         for index in range(spec.instances):
             cpu_cores, next_core = _cores_for(spec, cores, next_core, warnings)
+            # A local cluster stays on loopback; a joined one uses each node's IP.
+            host = "127.0.0.1" if config.ray.address is None else None
             instances.append(
                 InstancePlan(
                     name=f"pd-{role}-{index}",
@@ -101,16 +104,29 @@ def make_plan(config: ClusterConfig, available_cores: list[int] | None = None) -
                     index=index,
                     model=model,
                     model_preset=config.model.preset,
-                    # A local cluster stays on loopback; a joined one uses each node's IP.
-                    host="127.0.0.1" if config.ray.address is None else None,
+                    host=host,
                     vllm_args=_vllm_args(config, role, spec),
-                    env=_env(spec, cpu_cores),
+                    env=_env(spec, cpu_cores, loopback=host is not None),
                     num_cpus=spec.resources.cpus,
                     num_gpus=spec.resources.gpus,
                     cpu_cores=cpu_cores,
                 )
             )
+    if not _is_loopback(config.proxy.host) and config.proxy.resolved_api_key() is None:
+        warnings.append(
+            f"proxy.host {config.proxy.host} is reachable from other machines and no API key "
+            "is set (proxy.api_key_env): anyone who reaches it can use the model"
+        )
     return ClusterPlan(config=config, instances=instances, warnings=warnings)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a hostname: assume it resolves beyond this machine
 
 
 def _check_local_model_path(config: ClusterConfig) -> None:
@@ -150,12 +166,17 @@ def _vllm_args(config: ClusterConfig, role: str, spec: RoleSpec) -> list[str]:
     ]
 
 
-def _env(spec: RoleSpec, cpu_cores: str | None) -> dict[str, str]:
+def _env(spec: RoleSpec, cpu_cores: str | None, loopback: bool) -> dict[str, str]:
     env = dict(spec.env)
     if spec.resources.gpus == 0:
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{spec.resources.cpu_kv_cache_gib:g}")
         if cpu_cores:
             env.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_cores)
+        # NIXL's UCX listens on every network interface unless told otherwise; all of a
+        # local cluster's peers are on this host. (GPU instances keep UCX's choice: it
+        # picks their intra-node paths.)
+        if loopback and "UCX_NET_DEVICES" not in os.environ:
+            env.setdefault("UCX_NET_DEVICES", "lo")
     return env
 
 

@@ -15,6 +15,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -56,7 +57,9 @@ class KVConsumer:
         rendezvous_timeout_s: float,
         max_concurrent_transfers: int,
         counters: TransferCounters,
+        on_result: Callable[[], None] | None = None,
     ) -> None:
+        self._on_result = on_result  # wakes an engine step waiting for progress
         self._tp_rank = tp_rank
         self._transports = transports  # best first; each peer gets the first that works
         self._transfer_timeout_s = transfer_timeout_s
@@ -70,6 +73,7 @@ class KVConsumer:
         self._peers: dict[tuple[str, str, int], Peer] = {}
         self._peers_lock = threading.Lock()
         self._results: queue.SimpleQueue[tuple[str, bool]] = queue.SimpleQueue()
+        self._in_flight = 0
         self._waiting: set[str] = set()  # loads that may wait for their prefill
         self._cancelled: set[str] = set()
         self._waiting_lock = threading.Lock()
@@ -87,8 +91,14 @@ class KVConsumer:
         with self._waiting_lock:
             self._cancelled.update(r for r in cancelled if r in self._waiting)
             self._waiting.update(s.request_id for s in loads if s.rendezvous)
+            self._in_flight += len(loads)
         for spec in loads:
             self._pool.submit(self._run, spec, time.monotonic())
+
+    @property
+    def busy(self) -> bool:
+        """Whether any load has not ended yet."""
+        return self._in_flight > 0
 
     def take_results(self) -> LoadResults:
         """Loads that ended since the last call. ``failed`` is a subset of ``finished``."""
@@ -141,6 +151,7 @@ class KVConsumer:
             with self._waiting_lock:
                 self._waiting.discard(spec.request_id)
                 self._cancelled.discard(spec.request_id)
+                self._in_flight -= 1
             self._release(spec, ok, nbytes)
         logger.debug(
             "pd: load of %s: %s, %d blocks, %d bytes, %.1f ms (after %.1f ms waiting)",
@@ -160,6 +171,8 @@ class KVConsumer:
             else:
                 self._counters.add(transfer_failures=1)
             self._results.put((spec.request_id, ok))
+            if self._on_result is not None:
+                self._on_result()
 
     def _resolve(self, spec: LoadSpec, deadline: float) -> LoadSpec:
         """Wait until the prefill worker holds the prompt's KV; the load, now addressed."""

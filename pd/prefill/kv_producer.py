@@ -9,6 +9,7 @@ side-channel and transport threads.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from pd.prefill.rendezvous import RendezvousBook
 from pd.transfer.lease import LeaseTable
@@ -30,8 +31,9 @@ class KVProducer:
         side_channel_port: int,
         lease_timeout_s: float,
         counters: TransferCounters,
+        on_release: Callable[[], None] | None = None,
     ) -> None:
-        self.leases = LeaseTable(lease_timeout_s)
+        self.leases = LeaseTable(lease_timeout_s, on_release=on_release)
         self.rendezvous = RendezvousBook(memory_s=2 * lease_timeout_s)
         self._counters = counters
         self._transports = transports
@@ -83,6 +85,11 @@ class KVProducer:
             self._counters.add(leases_granted=len(leases))
         if (rendezvous or failed_rendezvous) and self._side_channel is not None:
             self._side_channel.wake()
+
+    @property
+    def busy(self) -> bool:
+        """Whether blocks are held for a decode instance that has not read them yet."""
+        return len(self.leases) > 0
 
     def take_finished_sending(self) -> set[str]:
         """Requests whose blocks vLLM may free now: released or expired leases."""

@@ -23,10 +23,13 @@ class ProxyError(Exception):
         self.param = param
 
 
-def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
+def error_response(
+    status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
     default_type = "server_error" if status >= 500 else "invalid_request_error"
     return JSONResponse(
         status_code=status,
+        headers=headers,
         content={
             "error": {
                 "message": message,

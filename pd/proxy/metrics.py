@@ -21,6 +21,7 @@ from pd.vllm_server import parse_prometheus
 logger = logging.getLogger(__name__)
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+OWN_TIME_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1)
 # Connector counters summed per instance on the proxy's /metrics.
 KV_COUNTERS = (
     "transfers",
@@ -56,6 +57,12 @@ class ProxyMetrics:
         self.prefill = Histogram(
             "pd_prefill_seconds", "Duration of the prefill leg",
             buckets=LATENCY_BUCKETS_S, registry=r,
+        )  # fmt: skip
+        self.proxy_overhead = Histogram(
+            "pd_proxy_overhead_seconds",
+            "The proxy's own time per request before its legs are sent (parsing, "
+            "validation, routing; plus the hop between the legs when they run in turn)",
+            buckets=OWN_TIME_BUCKETS_S, registry=r,
         )  # fmt: skip
         self.fallbacks = Counter(
             "pd_prefill_fallbacks", "Requests decode prefilled itself (prefill unavailable)",

@@ -124,7 +124,7 @@ class PDConnector(KVConnectorBase_V1):
             self._decode.update_state_after_alloc(request, blocks, num_external_tokens)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
-        metadata = PDConnectorMetadata()
+        metadata = PDConnectorMetadata(idle_step=scheduler_output.total_num_scheduled_tokens == 0)
         if self._prefill is not None:
             metadata.leases, metadata.rendezvous, metadata.failed_rendezvous = (
                 self._prefill.take_grants()

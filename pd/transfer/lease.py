@@ -18,6 +18,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -35,7 +36,13 @@ class EndedLeases:
 
 
 class LeaseTable:
-    def __init__(self, lease_timeout_s: float, ended_memory_s: float = 600.0) -> None:
+    def __init__(
+        self,
+        lease_timeout_s: float,
+        ended_memory_s: float = 600.0,
+        on_release: Callable[[], None] | None = None,
+    ) -> None:
+        self._on_release = on_release  # wakes an engine step waiting for progress
         self._lease_timeout_s = lease_timeout_s
         self._ended_memory_s = max(ended_memory_s, 2 * lease_timeout_s)
         self._lock = threading.Lock()
@@ -72,11 +79,15 @@ class LeaseTable:
             if self._active.pop(request_id, None) is not None:
                 self._released.append(request_id)
                 self._ended[request_id] = now
-                return True
-            if request_id not in self._ended:
-                # Remember a release for a grant still on its way, for one lease period.
-                self._early_releases[request_id] = now + self._lease_timeout_s
-            return False
+                released = True
+            else:
+                released = False
+                if request_id not in self._ended:
+                    # Remember a release for a grant still on its way, for one lease period.
+                    self._early_releases[request_id] = now + self._lease_timeout_s
+        if released and self._on_release is not None:
+            self._on_release()
+        return released
 
     def take_ended(self, now: float | None = None) -> EndedLeases:
         """Pop released and expired leases (each request id is returned once)."""

@@ -67,6 +67,8 @@ class PDConnectorMetadata(KVConnectorMetadata):
     """Decode side: loads to start this step."""
     cancelled_loads: list[str] = field(default_factory=list)
     """Decode side: requests that ended while their load may still wait for prefill."""
+    idle_step: bool = False
+    """This step runs no model: it only polls transfers (see ``PDWorker``)."""
 
 
 def load_spec_from_params(

@@ -1,0 +1,363 @@
+"""One request's way through a prefill and a decode instance.
+
+vLLM's disaggregation protocol (DESIGN.md): the prefill instance gets the body with
+``max_tokens: 1``, unstreamed, and ``kv_transfer_params: {"do_remote_decode":
+true}``; the decode instance gets the original body plus ``kv_transfer_params`` that
+locate the prompt's KV, loads it and generates. Two flows implement it:
+
+``SequentialFlow``
+    Prefill leg first; its answer's ``kv_transfer_params`` go with the decode leg.
+``ConcurrentFlow`` (the default)
+    Both legs at once, tied by a rendezvous tag. Decode parses, schedules and
+    allocates while prefill computes, and its connector pulls the KV the moment the
+    prefill instance holds it: the second HTTP hop and decode's request handling
+    leave the time to first token. It needs the prefill instance's KV address,
+    learned from its first answer, so each instance's first request goes
+    sequentially.
+
+Both: a request the prefill instance rejects (4xx) is answered with its error; if
+the prefill leg fails, decode prefills the prompt itself; a client that disconnects
+closes the upstream connections, which makes vLLM abort the request on both sides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+
+from pd.proxy.errors import ProxyError
+from pd.proxy.instances import Instance, InstancePool
+from pd.proxy.metrics import ProxyMetrics
+
+logger = logging.getLogger(__name__)
+
+# Fields the prefill leg must not carry: it generates exactly one token, unstreamed.
+_PREFILL_DROPPED = ("stream_options", "min_tokens", "max_completion_tokens")
+# What a decode instance needs to reach a prefill instance's connector, from its answers.
+_KV_ADDRESS_KEYS = ("remote_engine_id", "remote_host", "remote_port", "remote_ports", "tp_size")
+_RENDEZVOUS_PROTOCOL = 2  # the first connector protocol version that answers a rendezvous
+_DISCONNECT_CHECK_S = 0.5
+
+
+@dataclass(frozen=True)
+class Leg:
+    """One request as the proxy routes it."""
+
+    request: Request
+    endpoint: str  # "completions" | "chat/completions"
+    body: dict[str, Any]
+    prompt_tokens: int
+    prefill: Instance
+    decode: Instance
+    started: float  # time.monotonic() when the proxy received it
+
+
+# The prefill leg's outcome: the KV's params, the instance's 4xx answer, or None (failed).
+PrefillOutcome = dict[str, Any] | Response | None
+
+
+class Flow(ABC):
+    def __init__(
+        self,
+        pool: InstancePool,
+        metrics: ProxyMetrics,
+        http: httpx.AsyncClient,
+        timeout: httpx.Timeout,
+    ) -> None:
+        self._pool = pool
+        self._metrics = metrics
+        self._http = http
+        self._timeout = timeout
+
+    @abstractmethod
+    async def serve(self, leg: Leg) -> Response:
+        """Answer the request: decode's response, streamed or not, or an error."""
+
+    # --- the prefill leg -----------------------------------------------------------------
+
+    async def _prefill(self, leg: Leg, rendezvous: str = "") -> PrefillOutcome:
+        body = {k: v for k, v in leg.body.items() if k not in _PREFILL_DROPPED}
+        params: dict[str, Any] = {"do_remote_decode": True}
+        if rendezvous:
+            params["pd_rendezvous"] = rendezvous
+        body.update(max_tokens=1, stream=False, n=1, kv_transfer_params=params)
+        inst = leg.prefill
+        inst.inflight_requests += 1
+        inst.outstanding_prompt_tokens += leg.prompt_tokens
+        sent = time.monotonic()
+        try:
+            response = await self._http.post(
+                f"{inst.url}/v1/{leg.endpoint}", json=body, timeout=self._timeout
+            )
+        except httpx.HTTPError as e:
+            self._pool.mark_unhealthy(inst, f"prefill failed: {e!r}")
+            self._metrics.fallbacks.inc()
+            logger.warning("prefill on %s failed (%r); decode prefills itself", inst.name, e)
+            return None
+        finally:
+            inst.inflight_requests -= 1
+            inst.outstanding_prompt_tokens -= leg.prompt_tokens
+        self._metrics.prefill.observe(time.monotonic() - sent)
+        if 400 <= response.status_code < 500:
+            return Response(response.content, response.status_code, media_type="application/json")
+        if response.status_code != 200:
+            self._metrics.fallbacks.inc()
+            logger.warning("prefill on %s answered %d; decode prefills itself",
+                           inst.name, response.status_code)  # fmt: skip
+            return None
+        params = response.json().get("kv_transfer_params")
+        self._learned(inst, params)
+        return params
+
+    def _learned(self, inst: Instance, params: dict[str, Any] | None) -> None:  # noqa: B027
+        """A prefill answer's params; the concurrent flow remembers the KV address."""
+
+    # --- the decode leg ------------------------------------------------------------------
+
+    async def _decode(self, leg: Leg, body: dict[str, Any]) -> Response:
+        inst = leg.decode
+        inst.inflight_requests += 1
+        try:
+            response = await _until_disconnect(
+                leg.request,
+                self._http.post(f"{inst.url}/v1/{leg.endpoint}", json=body, timeout=self._timeout),
+            )
+        except httpx.HTTPError as e:
+            self._pool.mark_unhealthy(inst, f"decode failed: {e!r}")
+            raise ProxyError(503, f"decode instance {inst.name} failed: {e!r}") from e
+        finally:
+            inst.inflight_requests -= 1
+        return Response(response.content, response.status_code, media_type="application/json")
+
+    async def _open_stream(self, leg: Leg, body: dict[str, Any]) -> httpx.Response:
+        """Send the decode leg and wait for its headers. The caller relays or closes it."""
+        inst = leg.decode
+        upstream_request = self._http.build_request(
+            "POST", f"{inst.url}/v1/{leg.endpoint}", json=body, timeout=self._timeout
+        )
+        try:
+            return await self._http.send(upstream_request, stream=True)
+        except httpx.HTTPError as e:
+            self._pool.mark_unhealthy(inst, f"decode failed: {e!r}")
+            raise ProxyError(503, f"decode instance {inst.name} failed: {e!r}") from e
+
+    async def _decode_stream(self, leg: Leg, body: dict[str, Any]) -> Response:
+        upstream = await self._open_stream(leg, body)
+        if upstream.status_code != 200:
+            return await _error_answer(upstream)
+        return self._stream_response(leg, upstream, upstream.aiter_raw())
+
+    def _stream_response(
+        self, leg: Leg, upstream: httpx.Response, chunks: AsyncIterator[bytes]
+    ) -> Response:
+        """Relay an open decode stream (``chunks``: what is left of it) to the client."""
+        leg.decode.inflight_requests += 1
+        leg.request.state.streaming = True
+        return StreamingResponse(self._relay(leg, upstream, chunks), media_type="text/event-stream")
+
+    async def _relay(
+        self, leg: Leg, upstream: httpx.Response, chunks: AsyncIterator[bytes]
+    ) -> AsyncIterator[bytes]:
+        status = 200
+        last = None
+        try:
+            async for chunk in chunks:
+                now = time.monotonic()
+                if last is None:
+                    self._metrics.observe_ttft(now - leg.started)
+                else:
+                    self._metrics.observe_itl(now - last)
+                last = now
+                yield chunk
+        except httpx.HTTPError as e:
+            status = 502
+            self._pool.mark_unhealthy(leg.decode, f"stream broke: {e!r}")
+            message = {"error": {"message": f"decode instance {leg.decode.name} failed mid-stream",
+                                 "type": "server_error", "param": None, "code": 502}}  # fmt: skip
+            yield f"data: {json.dumps(message)}\n\n".encode()
+        finally:
+            # On client disconnect this closes the upstream connection: vLLM aborts.
+            await upstream.aclose()
+            leg.decode.inflight_requests -= 1
+            self._metrics.observe_request(leg.endpoint, status, time.monotonic() - leg.started)
+
+    def _observe_own_time(self, seconds: float) -> None:
+        self._metrics.proxy_overhead.observe(seconds)
+
+
+class SequentialFlow(Flow):
+    """Prefill, then decode with the prefill answer's ``kv_transfer_params``."""
+
+    async def serve(self, leg: Leg) -> Response:
+        before_prefill = time.monotonic()
+        outcome = await _until_disconnect(leg.request, self._prefill(leg))
+        after_prefill = time.monotonic()
+        if isinstance(outcome, Response):
+            return outcome  # prefill rejected the request: that is the answer
+        body = {**leg.body, "kv_transfer_params": outcome} if outcome else leg.body
+        self._observe_own_time(before_prefill - leg.started + time.monotonic() - after_prefill)
+        if leg.body.get("stream"):
+            return await self._decode_stream(leg, body)
+        return await self._decode(leg, body)
+
+
+class ConcurrentFlow(SequentialFlow):
+    """Prefill and decode at once, tied by a rendezvous tag (sequential until the
+    prefill instance's KV address is known)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._kv_addresses: dict[str, tuple[str | None, dict[str, Any]]] = {}
+        self._background: set[asyncio.Task] = set()
+
+    def _learned(self, inst: Instance, params: dict[str, Any] | None) -> None:
+        if params and params.get("pd_protocol_version", 0) >= _RENDEZVOUS_PROTOCOL:
+            address = {k: params[k] for k in _KV_ADDRESS_KEYS if k in params}
+            self._kv_addresses[inst.name] = (inst.url, address)
+
+    def _kv_address(self, inst: Instance) -> dict[str, Any] | None:
+        known = self._kv_addresses.get(inst.name)
+        # A restarted instance serves on a new URL, with a new engine: learn it again.
+        return known[1] if known is not None and known[0] == inst.url else None
+
+    async def serve(self, leg: Leg) -> Response:
+        address = self._kv_address(leg.prefill)
+        if address is None:
+            return await super().serve(leg)
+        tag = uuid.uuid4().hex
+        body = {
+            **leg.body,
+            "kv_transfer_params": {**address, "do_remote_prefill": True, "pd_rendezvous": tag},
+        }
+        prefill = asyncio.ensure_future(self._prefill(leg, rendezvous=tag))
+        self._observe_own_time(time.monotonic() - leg.started)
+        try:
+            if leg.body.get("stream"):
+                response = await self._serve_stream(leg, body, prefill)
+            else:
+                response = await self._serve_whole(leg, body, prefill)
+        except BaseException:
+            prefill.cancel()  # the client went away or decode failed: prefill aborts too
+            raise
+        if not prefill.done():
+            if response.status_code != 200:
+                prefill.cancel()  # decode rejected the request: nobody will read the KV
+            else:
+                # Decode got its KV (or recomputed it); the prefill answer still comes
+                # back for the books, in the background.
+                self._background.add(prefill)
+                prefill.add_done_callback(self._forget)
+        return response
+
+    def _forget(self, task: asyncio.Future) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.warning("background prefill leg failed: %r", task.exception())
+
+    async def _serve_whole(
+        self, leg: Leg, body: dict[str, Any], prefill: asyncio.Future
+    ) -> Response:
+        decode = asyncio.ensure_future(self._decode(leg, body))
+        try:
+            await _first_of(leg.request, prefill, decode)
+            if not decode.done():
+                fallback = self._prefill_failed(prefill)
+                if fallback is not None:
+                    decode.cancel()  # vLLM aborts the leg waiting for KV that never comes
+                    return (
+                        fallback
+                        if isinstance(fallback, Response)
+                        else await self._decode(leg, leg.body)
+                    )
+            return await _until_disconnect(leg.request, decode)
+        finally:
+            if not decode.done():
+                decode.cancel()
+
+    async def _serve_stream(
+        self, leg: Leg, body: dict[str, Any], prefill: asyncio.Future
+    ) -> Response:
+        upstream = await self._open_stream(leg, body)
+        if upstream.status_code != 200:
+            return await _error_answer(upstream)
+        chunks = upstream.aiter_raw()
+        first = asyncio.ensure_future(anext(chunks, b""))
+        committed = False
+        try:
+            await _first_of(leg.request, prefill, first)
+            if not first.done():
+                fallback = self._prefill_failed(prefill)
+                if fallback is not None:
+                    # Nothing was sent to the client yet: start over without the KV.
+                    if isinstance(fallback, Response):
+                        return fallback
+                    return await self._decode_stream(leg, leg.body)
+            chunk = await _until_disconnect(leg.request, first)
+            committed = True
+            return self._stream_response(leg, upstream, _prepend(chunk, chunks))
+        except httpx.HTTPError as e:
+            self._pool.mark_unhealthy(leg.decode, f"decode failed: {e!r}")
+            raise ProxyError(503, f"decode instance {leg.decode.name} failed: {e!r}") from e
+        finally:
+            if not committed:
+                first.cancel()
+                await upstream.aclose()
+
+    @staticmethod
+    def _prefill_failed(prefill: asyncio.Future) -> Response | bool | None:
+        """After the prefill leg ended: its 4xx answer, True if it failed, None if fine."""
+        outcome = prefill.result()
+        if isinstance(outcome, Response):
+            return outcome
+        return True if outcome is None else None
+
+
+FLOWS: dict[str, type[Flow]] = {"sequential": SequentialFlow, "concurrent": ConcurrentFlow}
+
+
+async def _error_answer(upstream: httpx.Response) -> Response:
+    """A decode instance's non-200 answer to a streamed request, relayed whole."""
+    content = await upstream.aread()
+    await upstream.aclose()
+    return Response(content, upstream.status_code, media_type="application/json")
+
+
+async def _prepend(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    if first:
+        yield first
+    async for chunk in rest:
+        yield chunk
+
+
+async def _first_of(request: Request, *futures: asyncio.Future) -> None:
+    """Wait until one of ``futures`` is done, or raise 499 when the client went away."""
+    while True:
+        done, _ = await asyncio.wait(
+            futures, timeout=_DISCONNECT_CHECK_S, return_when=asyncio.FIRST_COMPLETED
+        )
+        if done:
+            return
+        if await request.is_disconnected():
+            raise ProxyError(499, "client disconnected")
+
+
+async def _until_disconnect(request: Request, call: Awaitable[Any]) -> Any:
+    """Await an upstream call, cancelling it (vLLM aborts) if the client goes away."""
+    task = asyncio.ensure_future(call)
+    try:
+        await _first_of(request, task)
+        return task.result()
+    finally:
+        if not task.done():
+            task.cancel()
