@@ -8,6 +8,8 @@ serving.json and serving.png.
 Systems:
   colocated       one vLLM instance on both cores (chunked prefill on, as shipped)
   pd-zmq, pd-nixl pd-serve, prefill on core 0 and decode on core 1, per transport
+                  (both legs of a request at once: proxy.flow concurrent, the default)
+  pd-nixl-seq     the same with proxy.flow sequential (prefill leg first)
   vllm-pd-stock   vLLM prefill + decode with NixlConnector, behind the minimal proxy
                   below (vLLM's disaggregation protocol), as shipped
   vllm-pd-tuned   the same with its two CPU defects neutralized
@@ -114,9 +116,10 @@ class Colocated(System):
 
 
 class PdServe(System):
-    def __init__(self, transport: str) -> None:
-        self.name = f"pd-{transport}"
+    def __init__(self, transport: str, flow: str = "concurrent") -> None:
+        self.name = f"pd-{transport}" + ("-seq" if flow == "sequential" else "")
         self.transport = transport
+        self.flow = flow
 
     def start(self, model: Path, workdir: Path) -> str:
         port = free_port()
@@ -129,7 +132,7 @@ class PdServe(System):
                     "prefill": {"resources": {"cpus": 1, "cpu_kv_cache_gib": 2}},
                     "decode": {"resources": {"cpus": 1, "cpu_kv_cache_gib": 2}},
                     "transport": self.transport,
-                    "proxy": {"port": port},
+                    "proxy": {"port": port, "flow": self.flow},
                     "ray": {"dashboard_port": free_port()},
                 }
             )
@@ -332,10 +335,35 @@ def pd_overhead(system: PdServe, url: str, workdir: Path) -> dict:
                     if line.startswith("data: ") and '"text"' in line:
                         ttft.append(time.perf_counter() - started)
                         break
+        before = _own_time_buckets(client, url)
+        for prompt in prompts:
+            body = {"model": SERVED, "prompt": prompt[:64], "max_tokens": 1}
+            client.post(f"{url}/v1/completions", json=body).raise_for_status()
+        own_time = _bucket_p50_ms(before, _own_time_buckets(client, url))
     own_ms = 1000 * statistics.median(own[4:])  # the first ones warm both paths up
     ttft_ms = 1000 * statistics.median(ttft[4:])
     return {"prefill_own_p50_ms": own_ms, "pd_ttft_p50_ms": ttft_ms,
-            "overhead_p50_ms": ttft_ms - own_ms}  # fmt: skip
+            "overhead_p50_ms": ttft_ms - own_ms, "proxy_own_p50_ms_at_most": own_time}  # fmt: skip
+
+
+def _own_time_buckets(client: httpx.Client, url: str) -> dict[float, float]:
+    """The proxy's pd_proxy_overhead_seconds histogram: upper bound -> cumulative count."""
+    buckets = {}
+    for line in client.get(f"{url}/metrics").text.splitlines():
+        if line.startswith("pd_proxy_overhead_seconds_bucket"):
+            bound = line.split('le="')[1].split('"')[0]
+            buckets[float(bound)] = float(line.rsplit(" ", 1)[1])
+    return buckets
+
+
+def _bucket_p50_ms(before: dict[float, float], after: dict[float, float]) -> float:
+    """The smallest bucket bound holding half of the requests between two scrapes."""
+    delta = {b: after[b] - before.get(b, 0.0) for b in sorted(after)}
+    total = delta.get(float("inf"), 0.0)
+    for bound, count in delta.items():
+        if total and count >= total / 2:
+            return 1000 * bound
+    return float("nan")
 
 
 # --- report -------------------------------------------------------------------------------
@@ -386,7 +414,8 @@ def write_report(results: dict, overhead: dict, args, out_dir: Path) -> None:
             lines.append(
                 f"- {system}: TTFT p50 {o['pd_ttft_p50_ms']:.1f} ms, the prefill instance's "
                 f"own time {o['prefill_own_p50_ms']:.1f} ms: overhead "
-                f"{o['overhead_p50_ms']:.1f} ms"
+                f"{o['overhead_p50_ms']:.1f} ms; the proxy's own time p50 <= "
+                f"{o.get('proxy_own_p50_ms_at_most', float('nan')):g} ms"
             )
     lines += ["", "![TTFT and ITL percentiles](serving.png)", ""]
     (out_dir / "serving.md").write_text("\n".join(lines) + "\n")
@@ -400,6 +429,8 @@ def chart(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = [w.name for w in workloads() if w.name in results]
+    if not names:
+        return
     systems = sorted({s for rows in results.values() for s in rows})
     fig, axes = plt.subplots(2, 1, figsize=(12, 8))
     width = 0.8 / max(1, len(systems))
@@ -421,7 +452,8 @@ def chart(results: dict, path: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    all_systems = ["colocated", "pd-zmq", "pd-nixl", "vllm-pd-stock", "vllm-pd-tuned"]
+    all_systems = ["colocated", "pd-zmq", "pd-nixl", "pd-nixl-seq", "vllm-pd-stock",
+                   "vllm-pd-tuned"]  # fmt: skip
     parser.add_argument("--systems", nargs="+", default=all_systems, choices=all_systems)
     parser.add_argument("--workloads", nargs="+", default=[w.name for w in workloads()])
     parser.add_argument("--duration-s", type=float, default=30)
@@ -432,6 +464,7 @@ def main() -> int:
     model = make_model("small")
     factories = {"colocated": Colocated, "pd-zmq": lambda: PdServe("zmq"),
                  "pd-nixl": lambda: PdServe("nixl"),
+                 "pd-nixl-seq": lambda: PdServe("nixl", flow="sequential"),
                  "vllm-pd-stock": lambda: StockVllmPD(tuned=False),
                  "vllm-pd-tuned": lambda: StockVllmPD(tuned=True)}  # fmt: skip
     results: dict[str, dict[str, dict]] = {}

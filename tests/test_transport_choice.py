@@ -226,3 +226,21 @@ def test_cancelled_wait_reports_and_releases_the_later_grant(prefill):
         assert not serve.book.fulfil("tag-4", "p-req", [1])
     finally:
         decode.close()
+
+
+def test_silent_prefill_worker_ends_the_wait(prefill):
+    """A prefill worker that stops (here: its side channel closes) goes silent; the
+    waiting load fails after handshake_timeout_s (3 s here), not the 60 s deadline."""
+    serve, transports, _, _ = prefill
+    server = serve({name: t.metadata() for name, t in transports.items()})
+    decode = Decode(rendezvous_timeout_s=60)
+    try:
+        decode.consumer.submit([spec_for(server.port, rendezvous="tag-5")])
+        time.sleep(4)  # Pending keeps it waiting past the 3 s silence limit...
+        assert not decode.consumer.take_results().finished
+        server.close()  # ...until the worker stops answering
+        started = time.monotonic()
+        assert decode.results(timeout_s=20).failed == {"d-req"}
+        assert time.monotonic() - started < 15
+    finally:
+        decode.close()

@@ -122,7 +122,8 @@ class ConnectorSpec(_Strict):
     transfer_timeout_s: Annotated[float, Field(gt=0)] = 30
     """Decode: deadline of one request's KV load; past it, decode recomputes."""
     handshake_timeout_s: Annotated[float, Field(gt=0)] = 5
-    """Decode: deadline of the first contact with a prefill instance."""
+    """Decode: deadline of the first contact with a prefill instance; also the longest
+    silence from it a request waiting for its prefill tolerates."""
     max_concurrent_transfers: Annotated[int, Field(ge=1)] = 4
     """Decode: KV loads running at once."""
     rendezvous_timeout_s: Annotated[float, Field(gt=0)] = 120

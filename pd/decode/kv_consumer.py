@@ -184,6 +184,7 @@ class KVConsumer:
             self._port_of(spec),
             spec.rendezvous,
             deadline,
+            silence_s=self._handshake_timeout_s,
             cancelled=lambda: spec.request_id in self._cancelled,
         )
         if answer.engine_id != spec.remote_engine_id:

@@ -151,8 +151,16 @@ def create_app(
             prefill=_pick("prefill", prompt_tokens),
             decode=_pick("decode", prompt_tokens),
             started=started,
+            deadline=started + settings.request_timeout_s,
         )
-        return await flow.serve(leg)
+        try:
+            # Until the answer starts; a stream's relay keeps the same deadline.
+            async with asyncio.timeout(leg.deadline - time.monotonic()):
+                return await flow.serve(leg)
+        except TimeoutError:
+            raise ProxyError(
+                504, f"the request took longer than {settings.request_timeout_s:g} s"
+            ) from None
 
     def _pick(role: str, prompt_tokens: int) -> Instance:
         candidates = pool.healthy(role)

@@ -61,6 +61,7 @@ class Leg:
     prefill: Instance
     decode: Instance
     started: float  # time.monotonic() when the proxy received it
+    deadline: float  # time.monotonic() by which the answer must be complete
 
 
 # The prefill leg's outcome: the KV's params, the instance's 4xx answer, or None (failed).
@@ -172,7 +173,7 @@ class Flow(ABC):
         status = 200
         last = None
         try:
-            async for chunk in chunks:
+            async for chunk in _until(leg.deadline, chunks):
                 now = time.monotonic()
                 if last is None:
                     self._metrics.observe_ttft(now - leg.started)
@@ -185,6 +186,11 @@ class Flow(ABC):
             self._pool.mark_unhealthy(leg.decode, f"stream broke: {e!r}")
             message = {"error": {"message": f"decode instance {leg.decode.name} failed mid-stream",
                                  "type": "server_error", "param": None, "code": 502}}  # fmt: skip
+            yield f"data: {json.dumps(message)}\n\n".encode()
+        except TimeoutError:
+            status = 504
+            message = {"error": {"message": "the request took longer than its deadline",
+                                 "type": "timeout", "param": None, "code": 504}}  # fmt: skip
             yield f"data: {json.dumps(message)}\n\n".encode()
         finally:
             # On client disconnect this closes the upstream connection: vLLM aborts.
@@ -324,6 +330,17 @@ class ConcurrentFlow(SequentialFlow):
 
 
 FLOWS: dict[str, type[Flow]] = {"sequential": SequentialFlow, "concurrent": ConcurrentFlow}
+
+
+async def _until(deadline: float, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """``chunks`` until they end, or TimeoutError once ``deadline`` passes."""
+    while True:
+        try:
+            async with asyncio.timeout(deadline - time.monotonic()):
+                chunk = await anext(chunks)
+        except StopAsyncIteration:
+            return
+        yield chunk
 
 
 async def _error_answer(upstream: httpx.Response) -> Response:

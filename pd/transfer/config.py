@@ -34,7 +34,8 @@ class PDConnectorConfig:
     transfer_timeout_s: float = 30.0
     """Decode side: deadline for one request's whole load, handshake included."""
     handshake_timeout_s: float = 5.0
-    """Decode side: deadline for the first contact with a prefill instance."""
+    """Decode side: deadline for the first contact with a prefill instance, and the
+    longest silence a rendezvous wait tolerates from it (live workers say ``Pending``)."""
     max_concurrent_transfers: int = 4
     """Decode side: loads running at once (more wait their turn, within the deadline)."""
     rendezvous_timeout_s: float = 120.0

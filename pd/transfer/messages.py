@@ -73,6 +73,12 @@ class Resolve(msgspec.Struct, tag=True):
     rendezvous: str
 
 
+class Pending(msgspec.Struct, tag=True):
+    """Sent to a parked ``Resolve`` now and then: the prefill worker is alive, still working."""
+
+    rendezvous: str
+
+
 class Resolved(msgspec.Struct, tag=True):
     rendezvous: str
     engine_id: str
@@ -106,7 +112,9 @@ class BlocksHeader(msgspec.Struct, tag=True):
     num_frames: int = 0
 
 
-Message = Hello | Welcome | Release | Resolve | Resolved | Refused | ReadBlocks | BlocksHeader
+Message = (
+    Hello | Welcome | Release | Resolve | Pending | Resolved | Refused | ReadBlocks | BlocksHeader
+)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

@@ -31,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 _POLL_INTERVAL_MS = 100
 _CANCEL_CHECK_MS = 50
+# A parked Resolve hears ``Pending`` this often; silence means the prefill worker is gone.
+PENDING_INTERVAL_S = 0.5
 
 
 class HandshakeError(RuntimeError):
@@ -74,7 +76,7 @@ class SideChannelServer:
         self.port: int | None = None
 
     def wake(self) -> None:
-        with contextlib.suppress(BlockingIOError):  # a full pipe wakes the thread anyway
+        with contextlib.suppress(OSError):  # a full pipe wakes it anyway; closed: no one to wake
             os.write(self._wake_write, b"!")
 
     def start(self) -> None:
@@ -106,8 +108,10 @@ class SideChannelServer:
         if self._context is not None:
             self._context.term()
             self._context = None
-        for fd in (self._wake_read, self._wake_write):
-            os.close(fd)
+        if self._wake_read >= 0:
+            os.close(self._wake_read)
+            os.close(self._wake_write)
+            self._wake_read = self._wake_write = -1
 
     def _serve(self, router: zmq.Socket) -> None:
         poller = zmq.Poller()
@@ -118,8 +122,9 @@ class SideChannelServer:
             while not self._stop.is_set():
                 events = dict(poller.poll(_POLL_INTERVAL_MS))
                 if time.monotonic() >= housekeeping_at:
-                    housekeeping_at = time.monotonic() + 1.0
+                    housekeeping_at = time.monotonic() + PENDING_INTERVAL_S
                     self._forget_old()
+                    self._still_working(router)
                 if self._wake_read in events:
                     os.read(self._wake_read, 4096)
                     self._answer_parked(router)
@@ -168,6 +173,13 @@ class SideChannelServer:
             reply = self._answer(rendezvous)
             for identity in self._parked.pop(rendezvous)[1]:
                 router.send_multipart([identity, reply])
+
+    def _still_working(self, router: zmq.Socket) -> None:
+        """Tell every parked asker this worker is alive (a stopped one goes silent)."""
+        for rendezvous, (_, identities) in self._parked.items():
+            pending = msg.encode(msg.Pending(rendezvous))
+            for identity in identities:
+                router.send_multipart([identity, pending])
 
     def _forget_old(self) -> None:
         """Questions whose asker never came back, and old book entries."""
@@ -225,11 +237,13 @@ class SideChannelClient:
         port: int,
         rendezvous: str,
         deadline: float,
+        silence_s: float,
         cancelled: Callable[[], bool],
     ) -> msg.Resolved:
         """Wait until the prefill worker holds the KV of ``rendezvous``; say where it is.
 
-        Raises ``HandshakeError`` on refusal or deadline, ``LoadCancelled`` once
+        Raises ``HandshakeError`` on refusal, at the deadline, or when the worker has
+        sent nothing (not even ``Pending``) for ``silence_s``; ``LoadCancelled`` once
         ``cancelled()`` turns true (checked a few times a second).
         """
         sock = self._context.socket(zmq.DEALER)
@@ -237,13 +251,18 @@ class SideChannelClient:
         try:
             sock.connect(f"tcp://{host}:{port}")
             sock.send(msg.encode(msg.Resolve(rendezvous)))
+            heard_at = time.monotonic()
             while True:
-                remaining_ms = int((deadline - time.monotonic()) * 1000)
-                if remaining_ms <= 0:
+                now = time.monotonic()
+                if now >= deadline:
                     raise HandshakeError(f"prefill {host}:{port} did not finish the prompt in time")
-                if sock.poll(min(remaining_ms, _CANCEL_CHECK_MS)):
+                if now >= heard_at + silence_s:
+                    raise HandshakeError(f"prefill {host}:{port} went silent for {silence_s:g} s")
+                if sock.poll(min(int((deadline - now) * 1000) + 1, _CANCEL_CHECK_MS)):
                     reply = msg.decode(sock.recv())
-                    break
+                    heard_at = time.monotonic()
+                    if not isinstance(reply, msg.Pending):
+                        break
                 if cancelled():
                     raise LoadCancelled(f"request ended while waiting for {host}:{port}")
         except msgspec.DecodeError as e:
