@@ -369,13 +369,19 @@ def _bucket_p50_ms(before: dict[float, float], after: dict[float, float]) -> flo
 # --- report -------------------------------------------------------------------------------
 
 
-def write_report(results: dict, overhead: dict, args, out_dir: Path) -> None:
+ALL_SYSTEMS = ["colocated", "pd-zmq", "pd-nixl", "pd-nixl-seq", "vllm-pd-stock", "vllm-pd-tuned"]
+
+
+def _order(system: str) -> int:
+    return ALL_SYSTEMS.index(system) if system in ALL_SYSTEMS else len(ALL_SYSTEMS)
+
+
+def write_report(results: dict, overhead: dict, commands: list[str], args, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "serving.json").write_text(json.dumps({"results": results, "overhead": overhead},
-                                                     indent=2))  # fmt: skip
-    command = "python scripts/bench_serving.py " + " ".join(sys.argv[1:])
+    (out_dir / "serving.json").write_text(json.dumps(
+        {"results": results, "overhead": overhead, "commands": commands}, indent=2))  # fmt: skip
     lines = [
-        "# Serving benchmark", "", f"Command: `{command.strip()}`", "",
+        "# Serving benchmark", "", *(f"Command: `{c}`" for c in commands), "",
         f"Model: pd's `small` preset (8 layers, 8 KiB of KV per token, float32). Two cores. "
         f"Each workload runs about {args.duration_s:g} s of arrivals (`vllm bench serve`, "
         f"random dataset, ignore_eos). Goodput SLO: TTFT <= {SLO_TTFT_MS} ms and "
@@ -389,7 +395,7 @@ def write_report(results: dict, overhead: dict, args, out_dir: Path) -> None:
         base = rows.get("colocated", {})
         stock = [rows.get(s, {}) for s in ("vllm-pd-stock", "vllm-pd-tuned")]
         best = min((r["p50_ttft_ms"] for r in stock if "p50_ttft_ms" in r), default=None)
-        for system, r in rows.items():
+        for system, r in sorted(rows.items(), key=lambda item: _order(item[0])):
             if "error" in r:
                 lines.append(f"| {workload.name} | {system} | failed: {r['error'][:80]!r} |"
                              " | | | | | | |")  # fmt: skip
@@ -452,12 +458,16 @@ def chart(results: dict, path: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    all_systems = ["colocated", "pd-zmq", "pd-nixl", "pd-nixl-seq", "vllm-pd-stock",
-                   "vllm-pd-tuned"]  # fmt: skip
-    parser.add_argument("--systems", nargs="+", default=all_systems, choices=all_systems)
+    parser.add_argument("--systems", nargs="+", default=ALL_SYSTEMS, choices=ALL_SYSTEMS)
     parser.add_argument("--workloads", nargs="+", default=[w.name for w in workloads()])
     parser.add_argument("--duration-s", type=float, default=30)
     parser.add_argument("--out-dir", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the other systems' rows of the serving.json in --out-dir "
+        "(rerun some systems; both commands are recorded)",
+    )
     args = parser.parse_args()
     if shutil.which("pgrep") and subprocess.run(["pgrep", "-f", "vllm serve"]).returncode == 0:
         print("warning: another `vllm serve` is running; results will be disturbed")
@@ -469,6 +479,16 @@ def main() -> int:
                  "vllm-pd-tuned": lambda: StockVllmPD(tuned=True)}  # fmt: skip
     results: dict[str, dict[str, dict]] = {}
     overhead: dict[str, dict] = {}
+    commands = []
+    if args.merge and (args.out_dir / "serving.json").exists():
+        earlier = json.loads((args.out_dir / "serving.json").read_text())
+        for workload, rows in earlier["results"].items():
+            for system, row in rows.items():
+                if system not in args.systems:
+                    results.setdefault(workload, {})[system] = row
+        overhead = {k: v for k, v in earlier["overhead"].items() if k not in args.systems}
+        commands = earlier.get("commands", [])
+    commands.append(("python scripts/bench_serving.py " + " ".join(sys.argv[1:])).strip())
     for name in args.systems:
         system = factories[name]()
         workdir = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
@@ -495,7 +515,7 @@ def main() -> int:
                 results.setdefault(workload.name, {}).setdefault(name, {"error": str(e)[:300]})
         finally:
             system.stop()
-    write_report(results, overhead, args, args.out_dir)
+    write_report(results, overhead, commands, args, args.out_dir)
     print(f"wrote {args.out_dir / 'serving.md'}")
     return 0
 

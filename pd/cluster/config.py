@@ -80,9 +80,10 @@ class ProxySpec(_Strict):
     routing: Literal["round_robin", "least_loaded"] = "round_robin"
     """``round_robin``, or ``least_loaded`` (prefill by outstanding prompt tokens,
     decode by outstanding requests)."""
-    flow: Literal["concurrent", "sequential"] = "concurrent"
-    """``concurrent``: send each request to its prefill and decode instances at once
-    (decode waits for the KV; lower time to first token). ``sequential``: prefill first."""
+    flow: Literal["sequential", "concurrent"] = "sequential"
+    """``sequential``: prefill leg first, then decode with its KV's address.
+    ``concurrent``: both legs at once; decode waits for the KV (hides the second hop,
+    but the waiting decode instance keeps stepping: see the README)."""
     max_body_bytes: Annotated[int, Field(ge=1024)] = 32 * 1024 * 1024
     """Largest request body accepted, in bytes (declared or streamed); larger: 413."""
     max_n: Annotated[int, Field(ge=1)] = 16

@@ -36,7 +36,7 @@ class ProxySettings:
     served_model_name: str
     request_timeout_s: float = 600.0
     connect_timeout_s: float = 5.0
-    flow: str = "concurrent"  # a key of pd.proxy.flow.FLOWS
+    flow: str = "sequential"  # a key of pd.proxy.flow.FLOWS
     max_body_bytes: int = 32 * MIB
     max_n: int = 16
     max_model_len: int | None = None  # None: vLLM alone checks max_tokens against it

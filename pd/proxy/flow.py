@@ -5,9 +5,9 @@ vLLM's disaggregation protocol (DESIGN.md): the prefill instance gets the body w
 true}``; the decode instance gets the original body plus ``kv_transfer_params`` that
 locate the prompt's KV, loads it and generates. Two flows implement it:
 
-``SequentialFlow``
+``SequentialFlow`` (the default)
     Prefill leg first; its answer's ``kv_transfer_params`` go with the decode leg.
-``ConcurrentFlow`` (the default)
+``ConcurrentFlow``
     Both legs at once, tied by a rendezvous tag. Decode parses, schedules and
     allocates while prefill computes, and its connector pulls the KV the moment the
     prefill instance holds it: the second HTTP hop and decode's request handling
