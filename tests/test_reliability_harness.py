@@ -1,0 +1,83 @@
+"""The fault tests' client (tests/reliability.py) tells every way a request can end apart:
+completed, a clear error, lost (dropped, malformed, truncated) or hung. No engines."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+
+from tests import reliability as rel
+
+STREAM = rel.completion_body(max_tokens=2, stream=True)
+PLAIN = rel.completion_body(max_tokens=2)
+
+
+def events(*payloads: object) -> bytes:
+    return b"".join(
+        f"data: {p if isinstance(p, str) else json.dumps(p)}\n\n".encode() for p in payloads
+    )
+
+
+CHUNK = {"choices": [{"index": 0, "text": "a"}]}
+USAGE = {"choices": [], "usage": {"completion_tokens": 2}}
+SHORT_USAGE = {"choices": [], "usage": {"completion_tokens": 1}}
+WHOLE = json.dumps({"choices": [{}], "usage": {"completion_tokens": 2}}).encode()
+SHORT = json.dumps({"choices": [{}], "usage": {"completion_tokens": 1}}).encode()
+ERROR = {"error": {"message": "decode failed", "type": "server_error", "code": 502}}
+
+
+def outcome(body: dict, status: int, content: bytes, *, delay_s: float = 0) -> rel.Outcome:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(delay_s)
+        return httpx.Response(status, content=content)
+
+    async def go() -> rel.Outcome:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
+            return await rel.send(http, "http://pd", body, deadline_s=0.5)
+
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "content", "kind"),
+    [
+        (STREAM, 200, events(CHUNK, CHUNK, USAGE, "[DONE]"), "completed"),
+        (STREAM, 200, events(CHUNK, ERROR), "error"),
+        (STREAM, 200, events(CHUNK, ERROR, "[DONE]"), "error"),
+        (STREAM, 200, events(CHUNK, CHUNK, USAGE), "lost"),  # no [DONE]: truncated
+        (STREAM, 200, events(CHUNK, USAGE, "[DONE]")[:-1], "lost"),  # cut inside an event
+        (STREAM, 200, b'data: {"choices": [{"te' + events(ERROR), "lost"),  # error mid-event
+        (STREAM, 200, events(ERROR, CHUNK, USAGE, "[DONE]"), "lost"),  # error, then more
+        (STREAM, 200, events(CHUNK, SHORT_USAGE, "[DONE]"), "lost"),  # fewer tokens
+        (STREAM, 200, events(CHUNK, "not json", USAGE, "[DONE]"), "lost"),
+        (STREAM, 200, b"", "lost"),
+        (PLAIN, 200, WHOLE, "completed"),
+        (PLAIN, 200, SHORT, "lost"),  # fewer tokens than asked for
+        (PLAIN, 200, b'{"choices": [', "lost"),
+        (PLAIN, 503, json.dumps(ERROR).encode(), "error"),
+        (STREAM, 504, json.dumps(ERROR).encode(), "error"),
+        (PLAIN, 502, b"Bad Gateway", "lost"),  # an error, but not a clear one
+    ],
+)
+def test_outcomes(body, status, content, kind):
+    assert outcome(body, status, content).kind == kind
+
+
+def test_no_end_within_the_deadline_is_hung():
+    result = outcome(PLAIN, 200, b"{}", delay_s=5)
+    assert result.kind == "hung"
+    assert result.elapsed_s < 2
+
+
+def test_connection_dropped_without_an_answer_is_lost():
+    async def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
+
+    async def go() -> rel.Outcome:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
+            return await rel.send(http, "http://pd", PLAIN, deadline_s=5)
+
+    assert asyncio.run(go()).kind == "lost"
