@@ -17,7 +17,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import msgspec
 import zmq
@@ -212,24 +213,14 @@ class SideChannelClient:
         self._lock = threading.Lock()
 
     def handshake(self, host: str, port: int, deadline: float) -> msg.Welcome:
-        sock = self._context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        try:
-            sock.connect(f"tcp://{host}:{port}")
+        with self._asking(host, port) as sock:
             sock.send(msg.encode(msg.Hello(msg.PROTOCOL_VERSION, self._engine_id)))
             remaining_ms = int((deadline - time.monotonic()) * 1000)
             if remaining_ms <= 0 or not sock.poll(remaining_ms):
                 raise HandshakeError(f"no answer from prefill side channel {host}:{port}")
             reply = msg.decode(sock.recv())
-        except msgspec.DecodeError as e:
-            raise HandshakeError(f"garbled answer from {host}:{port}: {e}") from e
-        finally:
-            sock.close(linger=0)
-        if isinstance(reply, msg.Refused):
-            raise HandshakeError(f"prefill {host}:{port} refused the handshake: {reply.reason}")
-        if not isinstance(reply, msg.Welcome):
-            raise HandshakeError(f"unexpected answer {type(reply).__name__} from {host}:{port}")
-        return reply
+        where = f"{host}:{port}"
+        return _expect(reply, msg.Welcome, where, f"prefill {where} refused the handshake")
 
     def resolve(
         self,
@@ -246,10 +237,7 @@ class SideChannelClient:
         sent nothing (not even ``Pending``) for ``silence_s``; ``LoadCancelled`` once
         ``cancelled()`` turns true (checked a few times a second).
         """
-        sock = self._context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        try:
-            sock.connect(f"tcp://{host}:{port}")
+        with self._asking(host, port) as sock:
             sock.send(msg.encode(msg.Resolve(rendezvous)))
             heard_at = time.monotonic()
             while True:
@@ -265,15 +253,21 @@ class SideChannelClient:
                         break
                 if cancelled():
                     raise LoadCancelled(f"request ended while waiting for {host}:{port}")
+        where = f"{host}:{port}"
+        return _expect(reply, msg.Resolved, where, f"prefill {where} has no KV for it")
+
+    @contextlib.contextmanager
+    def _asking(self, host: str, port: int) -> Iterator[zmq.Socket]:
+        """A one-question socket to a prefill worker; a garbled answer is a HandshakeError."""
+        sock = self._context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        try:
+            sock.connect(f"tcp://{host}:{port}")
+            yield sock
         except msgspec.DecodeError as e:
             raise HandshakeError(f"garbled answer from {host}:{port}: {e}") from e
         finally:
             sock.close(linger=0)
-        if isinstance(reply, msg.Refused):
-            raise HandshakeError(f"prefill {host}:{port} has no KV for it: {reply.reason}")
-        if not isinstance(reply, msg.Resolved):
-            raise HandshakeError(f"unexpected answer {type(reply).__name__} from {host}:{port}")
-        return reply
 
     def release(
         self,
@@ -313,3 +307,12 @@ class SideChannelClient:
                 sock.close(linger=0)
             self._sockets.clear()
         self._context.term()
+
+
+def _expect(reply: msg.Message, kind: type, where: str, refused: str) -> Any:
+    """``reply`` if it is a ``kind``; otherwise a HandshakeError (``refused``: its prefix)."""
+    if isinstance(reply, msg.Refused):
+        raise HandshakeError(f"{refused}: {reply.reason}")
+    if not isinstance(reply, kind):
+        raise HandshakeError(f"unexpected answer {type(reply).__name__} from {where}")
+    return reply
