@@ -7,9 +7,9 @@ serving.json and serving.png.
 
 Systems:
   colocated       one vLLM instance on both cores (chunked prefill on, as shipped)
-  pd-zmq, pd-nixl pd-serve, prefill on core 0 and decode on core 1, per transport
-                  (both legs of a request at once: proxy.flow concurrent, the default)
-  pd-nixl-seq     the same with proxy.flow sequential (prefill leg first)
+  pd-<transport>-<flow>
+                  pd-serve, prefill on core 0 and decode on core 1, with one transport
+                  (nixl, zmq) and one proxy flow (first-token, sequential, concurrent)
   vllm-pd-stock   vLLM prefill + decode with NixlConnector, behind the minimal proxy
                   below (vLLM's disaggregation protocol), as shipped
   vllm-pd-tuned   the same with its two CPU defects neutralized
@@ -116,8 +116,8 @@ class Colocated(System):
 
 
 class PdServe(System):
-    def __init__(self, transport: str, flow: str = "concurrent") -> None:
-        self.name = f"pd-{transport}" + ("-seq" if flow == "sequential" else "")
+    def __init__(self, transport: str, flow: str) -> None:
+        self.name = f"pd-{transport}-{flow}"
         self.transport = transport
         self.flow = flow
 
@@ -319,7 +319,7 @@ def pd_overhead(system: PdServe, url: str, workdir: Path) -> dict:
     """One request at a time: pd's TTFT against the prefill instance's own time."""
     prefill_url = system.prefill_url(workdir)
     prompts = [[(i * 31 + j * 7) % 250 for j in range(1024)] for i in range(16)]
-    own, ttft = [], []
+    own, ttft, second = [], [], []
     with httpx.Client(timeout=60) as client:
         for prompt in prompts:
             body = {"model": SERVED, "prompt": prompt, "max_tokens": 1}
@@ -328,13 +328,21 @@ def pd_overhead(system: PdServe, url: str, workdir: Path) -> dict:
             own.append(time.perf_counter() - started)
         for prompt in prompts:
             shifted = [(t + 1) % 250 for t in prompt]  # no prefix-cache hit from above
-            body = {"model": SERVED, "prompt": shifted, "max_tokens": 2, "stream": True}
+            body = {
+                "model": SERVED,
+                "prompt": shifted,
+                "max_tokens": 2,
+                "stream": True,
+                "ignore_eos": True,
+            }
             started = time.perf_counter()
+            arrivals = []
             with client.stream("POST", f"{url}/v1/completions", json=body) as response:
                 for line in response.iter_lines():
-                    if line.startswith("data: ") and '"text"' in line:
-                        ttft.append(time.perf_counter() - started)
-                        break
+                    if line.startswith("data: ") and '"text":""' not in line and '"text"' in line:
+                        arrivals.append(time.perf_counter() - started)
+            ttft.append(arrivals[0])
+            second.append(arrivals[1])
         before = _own_time_buckets(client, url)
         for prompt in prompts:
             body = {"model": SERVED, "prompt": prompt[:64], "max_tokens": 1}
@@ -343,7 +351,8 @@ def pd_overhead(system: PdServe, url: str, workdir: Path) -> dict:
     own_ms = 1000 * statistics.median(own[4:])  # the first ones warm both paths up
     ttft_ms = 1000 * statistics.median(ttft[4:])
     return {"prefill_own_p50_ms": own_ms, "pd_ttft_p50_ms": ttft_ms,
-            "overhead_p50_ms": ttft_ms - own_ms, "proxy_own_p50_ms_at_most": own_time}  # fmt: skip
+            "overhead_p50_ms": ttft_ms - own_ms, "proxy_own_p50_ms_at_most": own_time,
+            "second_token_p50_ms": 1000 * statistics.median(second[4:])}  # fmt: skip
 
 
 def _own_time_buckets(client: httpx.Client, url: str) -> dict[float, float]:
@@ -369,7 +378,13 @@ def _bucket_p50_ms(before: dict[float, float], after: dict[float, float]) -> flo
 # --- report -------------------------------------------------------------------------------
 
 
-ALL_SYSTEMS = ["colocated", "pd-zmq", "pd-nixl", "pd-nixl-seq", "vllm-pd-stock", "vllm-pd-tuned"]
+PD_SYSTEMS = {
+    "pd-nixl-first-token": ("nixl", "first-token"),
+    "pd-zmq-first-token": ("zmq", "first-token"),
+    "pd-nixl-sequential": ("nixl", "sequential"),
+    "pd-nixl-concurrent": ("nixl", "concurrent"),
+}
+ALL_SYSTEMS = ["colocated", *PD_SYSTEMS, "vllm-pd-stock", "vllm-pd-tuned"]
 
 
 def _order(system: str) -> int:
@@ -420,8 +435,9 @@ def write_report(results: dict, overhead: dict, commands: list[str], args, out_d
             lines.append(
                 f"- {system}: TTFT p50 {o['pd_ttft_p50_ms']:.1f} ms, the prefill instance's "
                 f"own time {o['prefill_own_p50_ms']:.1f} ms: overhead "
-                f"{o['overhead_p50_ms']:.1f} ms; the proxy's own time p50 <= "
-                f"{o.get('proxy_own_p50_ms_at_most', float('nan')):g} ms"
+                f"{o['overhead_p50_ms']:.1f} ms; second token at "
+                f"{o.get('second_token_p50_ms', float('nan')):.1f} ms; the proxy's own time "
+                f"p50 <= {o.get('proxy_own_p50_ms_at_most', float('nan')):g} ms"
             )
     lines += ["", "![TTFT and ITL percentiles](serving.png)", ""]
     (out_dir / "serving.md").write_text("\n".join(lines) + "\n")
@@ -437,7 +453,7 @@ def chart(results: dict, path: Path) -> None:
     names = [w.name for w in workloads() if w.name in results]
     if not names:
         return
-    systems = sorted({s for rows in results.values() for s in rows})
+    systems = sorted({s for rows in results.values() for s in rows}, key=_order)
     fig, axes = plt.subplots(2, 1, figsize=(12, 8))
     width = 0.8 / max(1, len(systems))
     for ax, metric in zip(axes, ("ttft", "itl"), strict=True):
@@ -472,11 +488,11 @@ def main() -> int:
     if shutil.which("pgrep") and subprocess.run(["pgrep", "-f", "vllm serve"]).returncode == 0:
         print("warning: another `vllm serve` is running; results will be disturbed")
     model = make_model("small")
-    factories = {"colocated": Colocated, "pd-zmq": lambda: PdServe("zmq"),
-                 "pd-nixl": lambda: PdServe("nixl"),
-                 "pd-nixl-seq": lambda: PdServe("nixl", flow="sequential"),
+    factories = {"colocated": Colocated,
                  "vllm-pd-stock": lambda: StockVllmPD(tuned=False),
                  "vllm-pd-tuned": lambda: StockVllmPD(tuned=True)}  # fmt: skip
+    for name, (transport, flow) in PD_SYSTEMS.items():
+        factories[name] = lambda transport=transport, flow=flow: PdServe(transport, flow)
     results: dict[str, dict[str, dict]] = {}
     overhead: dict[str, dict] = {}
     commands = []

@@ -391,3 +391,38 @@ def test_prefill_killed_before_decode_pulls(short_lease_prefill, servers, tiny_m
         after["vllm:pd_kv_transfer_failures_total"] - before["vllm:pd_kv_transfer_failures_total"]
         == 1
     )
+
+
+@pytest.mark.parametrize("num_tokens", [2, 127, 128, 129, 1500])
+def test_decode_continues_from_prefill_first_token(servers, tiny_model, transport, num_tokens):
+    """The first-token flow at connector level: decode gets the prompt plus prefill's
+    token and pulls only the prompt's KV (``remote_num_tokens``), also when that token
+    starts a block the prefill instance never had (128 + 1)."""
+    payload = body(tiny_model, prompt_of(num_tokens, salt=7000 + num_tokens))
+    before = servers["decode"].metrics()
+
+    async def go():
+        async with httpx.AsyncClient() as client:
+            prefill = await complete(
+                client,
+                servers["prefill"].url,
+                {**payload, "max_tokens": 1, "kv_transfer_params": {"do_remote_decode": True}},
+            )
+            first = token_ids(prefill)
+            continued = {**payload, "prompt": payload["prompt"] + first,
+                         "max_tokens": MAX_TOKENS - 1,
+                         "kv_transfer_params": prefill["kv_transfer_params"]}  # fmt: skip
+            decode = await complete(client, servers["decode"].url, continued)
+            reference = await complete(client, servers["reference"].url, payload)
+            return prefill, first, decode, reference
+
+    prefill, first, decode, reference = run(go())
+    assert prefill["kv_transfer_params"]["remote_num_tokens"] == num_tokens
+    assert first + token_ids(decode) == token_ids(reference)
+    after = servers["decode"].metrics()
+    delta = {name: grew(before, after, name) for name in after}
+    assert delta["vllm:pd_kv_transfers_total"] == 1
+    assert delta["vllm:pd_kv_blocks_received_total"] == -(-num_tokens // BLOCK_SIZE)
+    assert delta["vllm:pd_kv_transfer_failures_total"] == 0
+    # Decode computed the first token's KV and nothing of the prompt.
+    assert delta['vllm:prompt_tokens_by_source_total{source="local_compute"}'] == 1

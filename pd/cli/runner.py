@@ -87,6 +87,7 @@ async def _serve(cluster: Cluster, plan: ClusterPlan) -> int:
                 served_model_name=config.served_model_name,
                 request_timeout_s=config.timeouts.request_s,
                 flow=config.proxy.flow,
+                chat_output_parsed=_parses_chat_output(plan),
                 max_body_bytes=config.proxy.max_body_bytes,
                 max_n=config.proxy.max_n,
                 max_model_len=_decode_max_model_len(plan),
@@ -128,3 +129,14 @@ def _decode_max_model_len(plan: ClusterPlan) -> int | None:
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return value
     return None
+
+
+def _parses_chat_output(plan: ClusterPlan) -> bool:
+    """Whether any instance parses chat output (reasoning or tool calls)."""
+    config = plan.config
+    keys = {"reasoning_parser", "tool_call_parser", "enable_auto_tool_choice"}
+    return any(
+        args.get(key) not in (None, False, "")
+        for args in (config.engine_args, config.prefill.engine_args, config.decode.engine_args)
+        for key in keys
+    )

@@ -80,10 +80,12 @@ class ProxySpec(_Strict):
     routing: Literal["round_robin", "least_loaded"] = "round_robin"
     """``round_robin``, or ``least_loaded`` (prefill by outstanding prompt tokens,
     decode by outstanding requests)."""
-    flow: Literal["sequential", "concurrent"] = "sequential"
+    flow: Literal["sequential", "concurrent", "first-token"] = "sequential"
     """``sequential``: prefill leg first, then decode with its KV's address.
     ``concurrent``: both legs at once; decode waits for the KV (hides the second hop,
-    but the waiting decode instance keeps stepping: see the README)."""
+    but the waiting decode instance keeps stepping: see the README).
+    ``first-token``: sequential, but a streamed request's first token is the prefill
+    leg's, sent at once; decode continues from it (see the README for which requests)."""
     max_body_bytes: Annotated[int, Field(ge=1024)] = 32 * 1024 * 1024
     """Largest request body accepted, in bytes (declared or streamed); larger: 413."""
     max_n: Annotated[int, Field(ge=1)] = 16

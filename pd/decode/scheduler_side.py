@@ -42,7 +42,7 @@ class DecodeScheduler:
         params = request.kv_transfer_params
         if not params or not params.get("do_remote_prefill"):
             return 0, False
-        count = len(request.prompt_token_ids or []) - num_computed_tokens
+        count = _remote_tokens(request, params) - num_computed_tokens
         return (count, True) if count > 0 else (0, False)
 
     def update_state_after_alloc(
@@ -97,3 +97,17 @@ class DecodeScheduler:
                 reports_completion=reports_completion,
             )
         self._loads.append(spec)
+
+
+def _remote_tokens(request: Request, params: dict) -> int:
+    """How many of the prompt's tokens the prefill instance holds KV for.
+
+    All of them, unless the prompt continues past what prefill computed: the
+    first-token flow (``pd.proxy.first_token``) sends decode the prompt plus prefill's
+    first token, whose KV nobody computed yet; decode computes it itself.
+    """
+    prompt = len(request.prompt_token_ids or [])
+    remote = params.get("remote_num_tokens")
+    if isinstance(remote, int) and not isinstance(remote, bool) and 0 < remote < prompt:
+        return remote
+    return prompt

@@ -2,7 +2,8 @@
 
 Each request is checked (``pd.proxy.validation``), gets a prefill instance and a
 decode instance from the routing policy, and goes through them by the configured
-flow (``pd.proxy.flow``: both legs at once, or prefill first).
+flow (``pd.proxy.flow``: prefill first, both legs at once, or prefill's first token
+streamed at once: ``pd.proxy.first_token``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from starlette.exceptions import HTTPException
 
 from pd.proxy.auth import ApiKeyMiddleware
 from pd.proxy.errors import ProxyError, error_response
-from pd.proxy.flow import FLOWS, Leg
+from pd.proxy.first_token import FirstTokenFlow
+from pd.proxy.flow import ConcurrentFlow, Flow, Leg, SequentialFlow
 from pd.proxy.instances import Instance, InstancePool
 from pd.proxy.metrics import ProxyMetrics
 from pd.proxy.routing import RoutingPolicy
@@ -30,13 +32,20 @@ from pd.proxy.validation import MIB, RequestLimits, read_body
 
 logger = logging.getLogger(__name__)
 
+FLOWS: dict[str, type[Flow]] = {
+    "sequential": SequentialFlow,
+    "concurrent": ConcurrentFlow,
+    "first-token": FirstTokenFlow,
+}
+
 
 @dataclass(frozen=True)
 class ProxySettings:
     served_model_name: str
     request_timeout_s: float = 600.0
     connect_timeout_s: float = 5.0
-    flow: str = "sequential"  # a key of pd.proxy.flow.FLOWS
+    flow: str = "sequential"  # a key of FLOWS
+    chat_output_parsed: bool = False  # the instances run a reasoning or tool-call parser
     max_body_bytes: int = 32 * MIB
     max_n: int = 16
     max_model_len: int | None = None  # None: vLLM alone checks max_tokens against it
@@ -52,7 +61,9 @@ def create_app(
     """``http`` is the pooled client for upstream calls (the pool's health checks share it)."""
     metrics = ProxyMetrics(pool)
     timeout = httpx.Timeout(settings.request_timeout_s, connect=settings.connect_timeout_s)
-    flow = FLOWS[settings.flow](pool, metrics, http, timeout)
+    flow = FLOWS[settings.flow](
+        pool, metrics, http, timeout, chat_output_parsed=settings.chat_output_parsed
+    )
     limits = RequestLimits(
         settings.served_model_name,
         max_body_bytes=settings.max_body_bytes,

@@ -3,7 +3,7 @@
 vLLM's disaggregation protocol (DESIGN.md): the prefill instance gets the body with
 ``max_tokens: 1``, unstreamed, and ``kv_transfer_params: {"do_remote_decode":
 true}``; the decode instance gets the original body plus ``kv_transfer_params`` that
-locate the prompt's KV, loads it and generates. Two flows implement it:
+locate the prompt's KV, loads it and generates. Three flows implement it:
 
 ``SequentialFlow`` (the default)
     Prefill leg first; its answer's ``kv_transfer_params`` go with the decode leg.
@@ -14,8 +14,11 @@ locate the prompt's KV, loads it and generates. Two flows implement it:
     leave the time to first token. It needs the prefill instance's KV address,
     learned from its first answer, so each instance's first request goes
     sequentially.
+``FirstTokenFlow`` (``pd.proxy.first_token``)
+    Sequential, but the client gets the prefill leg's token at once and decode
+    continues from it.
 
-Both: a request the prefill instance rejects (4xx) is answered with its error; if
+All: a request the prefill instance rejects (4xx) is answered with its error; if
 the prefill leg fails, decode prefills the prompt itself; a client that disconnects
 closes the upstream connections, which makes vLLM abort the request on both sides.
 """
@@ -28,7 +31,7 @@ import logging
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,8 +78,12 @@ class Flow(ABC):
         metrics: ProxyMetrics,
         http: httpx.AsyncClient,
         timeout: httpx.Timeout,
+        chat_output_parsed: bool = False,
     ) -> None:
+        """``chat_output_parsed``: the instances parse chat output (a reasoning or tool
+        parser), so a chat answer's text cannot be cut at an arbitrary token."""
         self._pool = pool
+        self._chat_output_parsed = chat_output_parsed
         self._metrics = metrics
         self._http = http
         self._timeout = timeout
@@ -88,11 +95,25 @@ class Flow(ABC):
     # --- the prefill leg -----------------------------------------------------------------
 
     async def _prefill(self, leg: Leg, rendezvous: str = "") -> PrefillOutcome:
+        answer = await self._prefill_answer(leg, rendezvous=rendezvous)
+        if not isinstance(answer, dict):
+            return answer
+        params = answer.get("kv_transfer_params")
+        self._learned(leg.prefill, params)
+        return params
+
+    async def _prefill_answer(
+        self, leg: Leg, rendezvous: str = "", **extra: Any
+    ) -> dict[str, Any] | Response | None:
+        """The prefill instance's whole answer, its 4xx answer, or None (failed).
+
+        ``extra`` fields go into the prefill leg's body.
+        """
         body = {k: v for k, v in leg.body.items() if k not in _PREFILL_DROPPED}
         params: dict[str, Any] = {"do_remote_decode": True}
         if rendezvous:
             params["pd_rendezvous"] = rendezvous
-        body.update(max_tokens=1, stream=False, n=1, kv_transfer_params=params)
+        body.update(max_tokens=1, stream=False, n=1, kv_transfer_params=params, **extra)
         inst = leg.prefill
         inst.inflight_requests += 1
         inst.outstanding_prompt_tokens += leg.prompt_tokens
@@ -117,9 +138,7 @@ class Flow(ABC):
             logger.warning("prefill on %s answered %d; decode prefills itself",
                            inst.name, response.status_code)  # fmt: skip
             return None
-        params = response.json().get("kv_transfer_params")
-        self._learned(inst, params)
-        return params
+        return response.json()
 
     def _learned(self, inst: Instance, params: dict[str, Any] | None) -> None:  # noqa: B027
         """A prefill answer's params; the concurrent flow remembers the KV address."""
@@ -157,19 +176,15 @@ class Flow(ABC):
         upstream = await self._open_stream(leg, body)
         if upstream.status_code != 200:
             return await _error_answer(upstream)
-        return self._stream_response(leg, upstream, upstream.aiter_raw())
+        return self._stream_response(leg, upstream_chunks(upstream))
 
-    def _stream_response(
-        self, leg: Leg, upstream: httpx.Response, chunks: AsyncIterator[bytes]
-    ) -> Response:
-        """Relay an open decode stream (``chunks``: what is left of it) to the client."""
+    def _stream_response(self, leg: Leg, chunks: AsyncGenerator[bytes, None]) -> Response:
+        """Relay a decode stream to the client; closing ``chunks`` closes the upstream."""
         leg.decode.inflight_requests += 1
         leg.request.state.streaming = True
-        return StreamingResponse(self._relay(leg, upstream, chunks), media_type="text/event-stream")
+        return StreamingResponse(self._relay(leg, chunks), media_type="text/event-stream")
 
-    async def _relay(
-        self, leg: Leg, upstream: httpx.Response, chunks: AsyncIterator[bytes]
-    ) -> AsyncIterator[bytes]:
+    async def _relay(self, leg: Leg, chunks: AsyncGenerator[bytes, None]) -> AsyncIterator[bytes]:
         status = 200
         last = None
         try:
@@ -184,17 +199,16 @@ class Flow(ABC):
         except httpx.HTTPError as e:
             status = 502
             self._pool.mark_unhealthy(leg.decode, f"stream broke: {e!r}")
-            message = {"error": {"message": f"decode instance {leg.decode.name} failed mid-stream",
-                                 "type": "server_error", "param": None, "code": 502}}  # fmt: skip
-            yield f"data: {json.dumps(message)}\n\n".encode()
+            yield error_event(502, f"decode instance {leg.decode.name} failed mid-stream")
+        except ProxyError as e:
+            status = e.status
+            yield error_event(e.status, e.message)
         except TimeoutError:
             status = 504
-            message = {"error": {"message": "the request took longer than its deadline",
-                                 "type": "timeout", "param": None, "code": 504}}  # fmt: skip
-            yield f"data: {json.dumps(message)}\n\n".encode()
+            yield error_event(504, "the request took longer than its deadline")
         finally:
             # On client disconnect this closes the upstream connection: vLLM aborts.
-            await upstream.aclose()
+            await chunks.aclose()
             leg.decode.inflight_requests -= 1
             self._metrics.observe_request(leg.endpoint, status, time.monotonic() - leg.started)
 
@@ -311,7 +325,7 @@ class ConcurrentFlow(SequentialFlow):
                     return await self._decode_stream(leg, leg.body)
             chunk = await _until_disconnect(leg.request, first)
             committed = True
-            return self._stream_response(leg, upstream, _prepend(chunk, chunks))
+            return self._stream_response(leg, upstream_chunks(upstream, chunk, chunks))
         except httpx.HTTPError as e:
             self._pool.mark_unhealthy(leg.decode, f"decode failed: {e!r}")
             raise ProxyError(503, f"decode instance {leg.decode.name} failed: {e!r}") from e
@@ -327,9 +341,6 @@ class ConcurrentFlow(SequentialFlow):
         if isinstance(outcome, Response):
             return outcome
         return True if outcome is None else None
-
-
-FLOWS: dict[str, type[Flow]] = {"sequential": SequentialFlow, "concurrent": ConcurrentFlow}
 
 
 async def _until(deadline: float, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
@@ -350,11 +361,27 @@ async def _error_answer(upstream: httpx.Response) -> Response:
     return Response(content, upstream.status_code, media_type="application/json")
 
 
-async def _prepend(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    if first:
-        yield first
-    async for chunk in rest:
-        yield chunk
+async def upstream_chunks(
+    upstream: httpx.Response, first: bytes = b"", rest: AsyncIterator[bytes] | None = None
+) -> AsyncGenerator[bytes, None]:
+    """An open upstream stream's bytes (``first``, then ``rest``, or all of it); closed
+    (vLLM aborts the request if unfinished) when the generator is."""
+    try:
+        if first:
+            yield first
+        async for chunk in rest if rest is not None else upstream.aiter_raw():
+            yield chunk
+    finally:
+        await upstream.aclose()
+
+
+def error_event(status: int, message: str) -> bytes:
+    """A server-sent event carrying an error in OpenAI's format (mid-stream failures)."""
+    kind = "timeout" if status == 504 else "server_error"
+    if 400 <= status < 500:
+        kind = "invalid_request_error"
+    error = {"error": {"message": message, "type": kind, "param": None, "code": status}}
+    return f"data: {json.dumps(error)}\n\n".encode()
 
 
 async def _first_of(request: Request, *futures: asyncio.Future) -> None:

@@ -68,6 +68,11 @@ class ProxyMetrics:
             "pd_prefill_fallbacks", "Requests decode prefilled itself (prefill unavailable)",
             registry=r,
         )  # fmt: skip
+        self.first_tokens = Counter(
+            "pd_first_token_handoffs",
+            "Streamed requests whose first token came from the prefill leg (first-token flow)",
+            registry=r,
+        )  # fmt: skip
         self.inflight = Gauge(
             "pd_instance_inflight_requests", "Requests in flight per instance",
             ["instance", "role"], registry=r,

@@ -1,0 +1,119 @@
+"""pd-serve with ``proxy.flow: first-token``: a streamed request's first token is the
+prefill leg's, and decode continues from it.
+
+The same cluster as configs/local.yaml. Streamed greedy answers (text, usage) must
+equal a single plain vLLM instance's; the KV must still move; requests that do not
+qualify go sequentially and are just as correct.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+from openai import AsyncOpenAI, OpenAI
+
+from tests.test_serve_e2e import GREEDY, MESSAGES, PROMPT, REPO, SERVED, PdServe, proxy_metrics
+
+pytestmark = pytest.mark.engines
+
+USAGE = {"stream_options": {"include_usage": True}}
+
+
+@pytest.fixture(scope="module")
+def serve():
+    config = yaml.safe_load((REPO / "configs" / "local.yaml").read_text())
+    config.setdefault("proxy", {})["flow"] = "first-token"
+    path = Path(tempfile.mkdtemp(prefix="pd-first-token-")) / "cluster.yaml"
+    path.write_text(yaml.safe_dump(config))
+    server = PdServe(path)
+    try:
+        yield server.wait_ready()
+    finally:
+        server.terminate()
+
+
+@pytest.fixture(scope="module")
+def reference(reference_server, tiny_model) -> tuple[OpenAI, str]:
+    return OpenAI(base_url=f"{reference_server.url}/v1", api_key="unused"), str(tiny_model)
+
+
+def grew(before: dict[str, float], after: dict[str, float], name: str) -> float:
+    return after.get(name, 0) - before.get(name, 0)
+
+
+async def read_stream(stream) -> tuple[str, object, set[str]]:
+    """(text, usage, ids) of a streamed answer, completions or chat."""
+    parts, usage, ids = [], None, set()
+    async for chunk in stream:
+        ids.add(chunk.id)
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            delta = getattr(choice, "delta", None)
+            parts.append((delta.content if delta else choice.text) or "")
+    return "".join(parts), usage, ids
+
+
+def test_streams_equal_single_instance_and_first_token_comes_from_prefill(serve, reference):
+    ref_client, ref_model = reference
+    cases = [(f"{PROMPT} Variant {i}.", {**GREEDY, "max_tokens": m})
+             for i, m in enumerate([2, 3, 16, 16, 40])]  # fmt: skip
+    expected = [ref_client.completions.create(model=ref_model, prompt=p, **kw) for p, kw in cases]
+    expected_chat = ref_client.chat.completions.create(model=ref_model, messages=MESSAGES, **GREEDY)
+
+    async def go():
+        async with AsyncOpenAI(base_url=f"{serve.url}/v1", api_key="unused", timeout=120) as c:
+            before = proxy_metrics(serve)
+            streams = [
+                await c.completions.create(model=SERVED, prompt=p, stream=True, **kw, **USAGE)
+                for p, kw in cases
+            ]
+            chat = await c.chat.completions.create(
+                model=SERVED, messages=MESSAGES, stream=True, **GREEDY, **USAGE
+            )
+            answers = await asyncio.gather(*(read_stream(s) for s in [*streams, chat]))
+            return answers, before
+
+    answers, before = asyncio.run(go())
+    for (text, usage, ids), want in zip(answers, [*expected, expected_chat], strict=True):
+        want_text = want.choices[0].text if hasattr(want.choices[0], "text") else None
+        assert text == (want_text if want_text is not None else want.choices[0].message.content)
+        assert (usage.prompt_tokens, usage.completion_tokens) == (
+            want.usage.prompt_tokens, want.usage.completion_tokens)  # fmt: skip
+        assert len(ids) == 1  # one answer: every event carries the same id
+    after = proxy_metrics(serve)
+    assert grew(before, after, "pd_first_token_handoffs_total") == 6
+    assert grew(before, after, 'pd_kv_transfers{instance="pd-decode-0",role="decode"}') == 6
+    assert grew(before, after, 'pd_kv_transfer_failures{instance="pd-decode-0",role="decode"}') == 0
+    assert grew(before, after, "pd_prefill_fallbacks_total") == 0
+
+
+def test_requests_that_do_not_qualify_go_sequentially(serve, reference):
+    """Unstreamed, stop strings, logprobs: the first token stays where it is, and the
+    answer still equals the single instance's."""
+    ref_client, ref_model = reference
+    kinds = [{}, {"stop": ["zzz"]}, {"logprobs": 1}]
+    expected = [ref_client.completions.create(model=ref_model, prompt=PROMPT, **GREEDY, **k)
+                for k in kinds]  # fmt: skip
+
+    async def go():
+        async with AsyncOpenAI(base_url=f"{serve.url}/v1", api_key="unused", timeout=120) as c:
+            before = proxy_metrics(serve)
+            whole = await c.completions.create(model=SERVED, prompt=PROMPT, **GREEDY)
+            streamed = []
+            for k in kinds[1:]:
+                stream = await c.completions.create(
+                    model=SERVED, prompt=PROMPT, stream=True, **GREEDY, **k
+                )
+                streamed.append(await read_stream(stream))
+            return whole, streamed, before
+
+    whole, streamed, before = asyncio.run(go())
+    assert whole.choices[0].text == expected[0].choices[0].text
+    assert [text for text, _, _ in streamed] == [e.choices[0].text for e in expected[1:]]
+    after = proxy_metrics(serve)
+    assert grew(before, after, "pd_first_token_handoffs_total") == 0
+    assert grew(before, after, 'pd_kv_transfers{instance="pd-decode-0",role="decode"}') == 3
