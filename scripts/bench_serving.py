@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from cpu_meter import CpuMeter
 
 from pd.models import make_model
 from pd.vllm_server import VllmServer, free_port
@@ -339,7 +340,8 @@ def pd_overhead(system: PdServe, url: str, workdir: Path) -> dict:
             arrivals = []
             with client.stream("POST", f"{url}/v1/completions", json=body) as response:
                 for line in response.iter_lines():
-                    if line.startswith("data: ") and '"text":""' not in line and '"text"' in line:
+                    # A token's event, even if its text is held back (part of a character)
+                    if line.startswith("data: {") and '"choices":[{' in line.replace(" ", ""):
                         arrivals.append(time.perf_counter() - started)
             ttft.append(arrivals[0])
             second.append(arrivals[1])
@@ -439,9 +441,42 @@ def write_report(results: dict, overhead: dict, commands: list[str], args, out_d
                 f"{o.get('second_token_p50_ms', float('nan')):.1f} ms; the proxy's own time "
                 f"p50 <= {o.get('proxy_own_p50_ms_at_most', float('nan')):g} ms"
             )
+    lines += cpu_table(results)
     lines += ["", "![TTFT and ITL percentiles](serving.png)", ""]
     (out_dir / "serving.md").write_text("\n".join(lines) + "\n")
     chart(results, out_dir / "serving.png")
+
+
+CPU_COLUMNS = {
+    "model workers": lambda g: g.startswith("vLLM worker"),
+    "vLLM engine cores, API servers": lambda g: g.startswith("vLLM "),
+    "Ray, pd's actors": lambda g: g.startswith(("Ray", "pd instance")),
+    "proxy": lambda g: g.startswith(("pd-serve", "harness")),
+    "load generator": lambda g: g.startswith("load generator"),
+    "other": lambda g: True,
+}
+
+
+def cpu_table(results: dict) -> list[str]:
+    """Cores busy per kind of process while each workload ran (2.0 = both cores)."""
+    lines = ["", "Where the CPU went: cores busy per kind of process during each run, "
+             "out of 2 (scripts/cpu_meter.py; the proxy of stock vLLM P/D runs in the "
+             "harness process).", "",
+             "| workload | system | " + " | ".join(CPU_COLUMNS) + " | idle |",
+             "| --- | --- |" + " ---: |" * (len(CPU_COLUMNS) + 1)]  # fmt: skip
+    for workload in workloads():
+        for system, r in sorted(results.get(workload.name, {}).items(),
+                                key=lambda item: _order(item[0])):  # fmt: skip
+            if "cpu_cores" not in r:
+                continue
+            sums = dict.fromkeys(CPU_COLUMNS, 0.0)
+            for group, cores in r["cpu_cores"].items():
+                column = next(c for c, match in CPU_COLUMNS.items() if match(group))
+                sums[column] += cores
+            idle = max(0.0, 2.0 - sum(sums.values()))
+            cells = " | ".join(f"{v:.2f}" for v in [*sums.values(), idle])
+            lines.append(f"| {workload.name} | {system} | {cells} |")
+    return lines if len(lines) > 5 else []
 
 
 def chart(results: dict, path: Path) -> None:
@@ -515,7 +550,10 @@ def main() -> int:
                 if workload.name not in args.workloads:
                     continue
                 seed = 100 + index  # the same prompts for every system
-                result = run_workload(url, model, workload, args.duration_s, workdir, seed)
+                with CpuMeter() as meter:
+                    result = run_workload(url, model, workload, args.duration_s, workdir, seed)
+                result["cpu_cores"] = {g: round(v / meter.wall_s, 3)
+                                       for g, v in meter.seconds.items()}  # fmt: skip
                 results.setdefault(workload.name, {})[name] = result
                 shown = result.get("error") or (
                     f"TTFT p50 {result['p50_ttft_ms']:.0f} ms, "

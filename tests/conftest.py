@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from openai import OpenAI
 
 from pd.models import make_model
 from pd.vllm_server import VllmServer
@@ -26,3 +27,9 @@ def reference_server(tiny_model) -> VllmServer:
         yield server.wait_ready()
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def reference(reference_server, tiny_model) -> tuple[OpenAI, str]:
+    """An OpenAI client of the oracle, and the model name it serves."""
+    return OpenAI(base_url=f"{reference_server.url}/v1", api_key="unused"), str(tiny_model)

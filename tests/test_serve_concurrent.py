@@ -9,39 +9,28 @@ and a prefill leg that fails must end in decode recomputing, never in a hang.
 from __future__ import annotations
 
 import asyncio
-import tempfile
-from pathlib import Path
 
 import httpx
 import pytest
-import yaml
-from openai import AsyncOpenAI, OpenAI
+from openai import AsyncOpenAI
 
-from tests.test_serve_e2e import GREEDY, MESSAGES, PROMPT, REPO, SERVED, PdServe, proxy_metrics
+from tests.test_serve_e2e import (
+    GREEDY,
+    MESSAGES,
+    PROMPT,
+    SERVED,
+    grew,
+    local_cluster,
+    proxy_metrics,
+)
 
 pytestmark = pytest.mark.engines
 
 
 @pytest.fixture(scope="module")
 def serve():
-    config = yaml.safe_load((REPO / "configs" / "local.yaml").read_text())
-    config.setdefault("proxy", {})["flow"] = "concurrent"
-    path = Path(tempfile.mkdtemp(prefix="pd-concurrent-")) / "cluster.yaml"
-    path.write_text(yaml.safe_dump(config))
-    server = PdServe(path)
-    try:
-        yield server.wait_ready()
-    finally:
-        server.terminate()
-
-
-@pytest.fixture(scope="module")
-def reference(reference_server, tiny_model) -> tuple[OpenAI, str]:
-    return OpenAI(base_url=f"{reference_server.url}/v1", api_key="unused"), str(tiny_model)
-
-
-def grew(before: dict[str, float], after: dict[str, float], name: str) -> float:
-    return after.get(name, 0) - before.get(name, 0)
+    with local_cluster(flow="concurrent") as server:
+        yield server
 
 
 def test_answers_equal_single_instance_and_kv_moves(serve, reference):

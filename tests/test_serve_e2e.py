@@ -15,12 +15,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
 import pytest
+import yaml
 from openai import OpenAI
 
 from pd.vllm_server import free_port, parse_prometheus
@@ -91,13 +94,27 @@ def client(serve) -> OpenAI:
     return OpenAI(base_url=f"{serve.url}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
-@pytest.fixture(scope="module")
-def reference(reference_server, tiny_model) -> tuple[OpenAI, str]:
-    return OpenAI(base_url=f"{reference_server.url}/v1", api_key="unused"), str(tiny_model)
+@contextmanager
+def local_cluster(**proxy: Any) -> Iterator[PdServe]:
+    """pd-serve on configs/local.yaml with some ``proxy`` keys changed, ready; stopped
+    on exit."""
+    config = yaml.safe_load((REPO / "configs" / "local.yaml").read_text())
+    config.setdefault("proxy", {}).update(proxy)
+    path = Path(tempfile.mkdtemp(prefix="pd-cluster-")) / "cluster.yaml"
+    path.write_text(yaml.safe_dump(config))
+    server = PdServe(path)
+    try:
+        yield server.wait_ready()
+    finally:
+        server.terminate()
 
 
 def proxy_metrics(serve: PdServe) -> dict[str, float]:
     return parse_prometheus(httpx.get(f"{serve.url}/metrics", timeout=10).text)
+
+
+def grew(before: dict[str, float], after: dict[str, float], name: str) -> float:
+    return after.get(name, 0) - before.get(name, 0)
 
 
 GREEDY = {"temperature": 0, "max_tokens": 16, "extra_body": {"ignore_eos": True}}
@@ -143,16 +160,12 @@ def test_kv_really_moved_over_the_transfer_layer(serve, client):
     for _ in range(3):
         client.completions.create(model=SERVED, prompt=PROMPT, **GREEDY)
     after = proxy_metrics(serve)
-
-    def grew(name: str) -> float:
-        return after.get(name, 0) - before.get(name, 0)
-
-    assert grew('pd_kv_transfers{instance="pd-decode-0",role="decode"}') == 3
-    assert grew('pd_kv_bytes_received{instance="pd-decode-0",role="decode"}') > 0
-    assert grew('pd_kv_bytes_sent{instance="pd-prefill-0",role="prefill"}') > 0
-    assert grew('pd_requests_total{endpoint="completions",status="200"}') == 3
+    assert grew(before, after, 'pd_kv_transfers{instance="pd-decode-0",role="decode"}') == 3
+    assert grew(before, after, 'pd_kv_bytes_received{instance="pd-decode-0",role="decode"}') > 0
+    assert grew(before, after, 'pd_kv_bytes_sent{instance="pd-prefill-0",role="prefill"}') > 0
+    assert grew(before, after, 'pd_requests_total{endpoint="completions",status="200"}') == 3
     assert after['pd_kv_transfer_failures{instance="pd-decode-0",role="decode"}'] == 0
-    assert grew("pd_prefill_fallbacks_total") == 0
+    assert grew(before, after, "pd_prefill_fallbacks_total") == 0
 
 
 def test_models_health_and_metrics_endpoints(serve, client):

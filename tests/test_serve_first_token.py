@@ -9,14 +9,19 @@ qualify go sequentially and are just as correct.
 from __future__ import annotations
 
 import asyncio
-import tempfile
-from pathlib import Path
 
 import pytest
-import yaml
-from openai import AsyncOpenAI, OpenAI
+from openai import AsyncOpenAI
 
-from tests.test_serve_e2e import GREEDY, MESSAGES, PROMPT, REPO, SERVED, PdServe, proxy_metrics
+from tests.test_serve_e2e import (
+    GREEDY,
+    MESSAGES,
+    PROMPT,
+    SERVED,
+    grew,
+    local_cluster,
+    proxy_metrics,
+)
 
 pytestmark = pytest.mark.engines
 
@@ -25,24 +30,8 @@ USAGE = {"stream_options": {"include_usage": True}}
 
 @pytest.fixture(scope="module")
 def serve():
-    config = yaml.safe_load((REPO / "configs" / "local.yaml").read_text())
-    config.setdefault("proxy", {})["flow"] = "first-token"
-    path = Path(tempfile.mkdtemp(prefix="pd-first-token-")) / "cluster.yaml"
-    path.write_text(yaml.safe_dump(config))
-    server = PdServe(path)
-    try:
-        yield server.wait_ready()
-    finally:
-        server.terminate()
-
-
-@pytest.fixture(scope="module")
-def reference(reference_server, tiny_model) -> tuple[OpenAI, str]:
-    return OpenAI(base_url=f"{reference_server.url}/v1", api_key="unused"), str(tiny_model)
-
-
-def grew(before: dict[str, float], after: dict[str, float], name: str) -> float:
-    return after.get(name, 0) - before.get(name, 0)
+    with local_cluster(flow="first-token") as server:
+        yield server
 
 
 async def read_stream(stream) -> tuple[str, object, set[str]]:
