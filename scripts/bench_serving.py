@@ -31,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -316,26 +317,31 @@ def run_workload(
     return json.loads(main_out.read_text())
 
 
-def pd_overhead(system: PdServe, url: str, workdir: Path) -> dict:
-    """One request at a time: pd's TTFT against the prefill instance's own time."""
+_SETTLE_S = 0.3  # before each timed request, after the previous one's bookkeeping
+
+
+def pd_overhead(system: PdServe, url: str, workdir: Path, num_prompts: int = 40) -> dict:
+    """One request at a time: pd's TTFT against the prefill instance's own time.
+
+    In the first-token flow, requests whose first token went out with the prefill
+    answer are reported apart from those that went sequentially (a first token that
+    is part of a character, frequent with the random-weight byte-level model)."""
     prefill_url = system.prefill_url(workdir)
-    prompts = [[(i * 31 + j * 7) % 250 for j in range(1024)] for i in range(16)]
-    own, ttft, second = [], [], []
+    prompts = [[(i * 31 + j * 7) % 250 for j in range(1024)] for i in range(num_prompts)]
+    own, ttft, second, handed_off = [], [], [], []
     with httpx.Client(timeout=60) as client:
+        # Interleaved, so that a machine getting faster or slower biases neither side.
+        handoffs = _first_token_handoffs(url)
         for prompt in prompts:
             body = {"model": SERVED, "prompt": prompt, "max_tokens": 1}
+            time.sleep(_SETTLE_S)
             started = time.perf_counter()
             client.post(f"{prefill_url}/v1/completions", json=body).raise_for_status()
             own.append(time.perf_counter() - started)
-        for prompt in prompts:
             shifted = [(t + 1) % 250 for t in prompt]  # no prefix-cache hit from above
-            body = {
-                "model": SERVED,
-                "prompt": shifted,
-                "max_tokens": 2,
-                "stream": True,
-                "ignore_eos": True,
-            }
+            body = {"model": SERVED, "prompt": shifted, "max_tokens": 2, "stream": True,
+                    "ignore_eos": True}  # fmt: skip
+            time.sleep(_SETTLE_S)
             started = time.perf_counter()
             arrivals = []
             with client.stream("POST", f"{url}/v1/completions", json=body) as response:
@@ -343,18 +349,51 @@ def pd_overhead(system: PdServe, url: str, workdir: Path) -> dict:
                     # A token's event, even if its text is held back (part of a character)
                     if line.startswith("data: {") and '"choices":[{' in line.replace(" ", ""):
                         arrivals.append(time.perf_counter() - started)
+            if not arrivals:
+                raise RuntimeError(f"no token events in the answer ({response.status_code})")
             ttft.append(arrivals[0])
-            second.append(arrivals[1])
+            second.append(arrivals[-1])  # vLLM may send both tokens in one event
+            # Scraped after the timed request: /metrics makes every instance render its own.
+            before_request, handoffs = handoffs, _first_token_handoffs(url)
+            handed_off.append(handoffs[0] > before_request[0])
         before = _own_time_buckets(client, url)
         for prompt in prompts:
             body = {"model": SERVED, "prompt": prompt[:64], "max_tokens": 1}
             client.post(f"{url}/v1/completions", json=body).raise_for_status()
         own_time = _bucket_p50_ms(before, _own_time_buckets(client, url))
     own_ms = 1000 * statistics.median(own[4:])  # the first ones warm both paths up
-    ttft_ms = 1000 * statistics.median(ttft[4:])
-    return {"prefill_own_p50_ms": own_ms, "pd_ttft_p50_ms": ttft_ms,
-            "overhead_p50_ms": ttft_ms - own_ms, "proxy_own_p50_ms_at_most": own_time,
-            "second_token_p50_ms": 1000 * statistics.median(second[4:])}  # fmt: skip
+
+    def p50_ms(values: list[float], which: bool | None = None) -> float | None:
+        kept = [v for v, h in zip(values[4:], handed_off[4:], strict=True)
+                if which is None or h == which]  # fmt: skip
+        return 1000 * statistics.median(kept) if kept else None
+
+    ttft_ms = p50_ms(ttft)
+    result = {"prefill_own_p50_ms": own_ms, "pd_ttft_p50_ms": ttft_ms,
+              "overhead_p50_ms": ttft_ms - own_ms, "proxy_own_p50_ms_at_most": own_time,
+              "second_token_p50_ms": p50_ms(second)}  # fmt: skip
+    if any(handed_off):
+        result["first_token_handoffs"] = f"{sum(handed_off[4:])} of {len(handed_off[4:])}"
+        for which, key in ((True, "handed_off"), (False, "sequential")):
+            if (ms := p50_ms(ttft, which)) is not None:
+                result[f"{key}_overhead_p50_ms"] = ms - own_ms
+                result[f"{key}_second_token_p50_ms"] = p50_ms(second, which)
+    return result
+
+
+def _first_token_handoffs(url: str) -> tuple[float, float]:
+    """(requests so far whose first token came from the prefill leg, requests so far)."""
+    handoffs = answered = 0.0
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        if line.startswith("pd_first_token_handoffs_total "):
+            handoffs = float(line.split()[1])
+        elif line.startswith("pd_requests_total{") and 'status="200"' in line:
+            answered += float(line.rsplit(" ", 1)[1])
+    return handoffs, answered
+
+
+def _share(before: tuple[float, float], after: tuple[float, float]) -> str:
+    return f"{after[0] - before[0]:.0f} of {after[1] - before[1]:.0f}"
 
 
 def _own_time_buckets(client: httpx.Client, url: str) -> dict[float, float]:
@@ -430,7 +469,15 @@ def write_report(results: dict, overhead: dict, commands: list[str], args, out_d
                 f"{r['output_throughput']:.0f} | {r.get('request_goodput', 0) or 0:.2f} | "
                 f"{vs_base} | {vs_stock} |"
             )
+    nan = float("nan")
     lines += ["", "Workloads:"] + [f"- {w.name}: {w.description}" for w in workloads()]
+    shares = [f"{w.name} {system}: {r['first_token_handoffs']}"
+              for w in workloads() for system, r in results.get(w.name, {}).items()
+              if r.get("first_token_handoffs") is not None and "first-token" in system]  # fmt: skip
+    if shares:
+        lines += ["", "Requests whose first token came from the prefill leg, of all answered "
+                  "(both streams of a mixed workload; the others went sequentially): "
+                  + "; ".join(shares)]  # fmt: skip
     if overhead:
         lines += ["", "P/D overhead, one request at a time (1024-token prompts):", ""]
         for system, o in overhead.items():
@@ -438,9 +485,16 @@ def write_report(results: dict, overhead: dict, commands: list[str], args, out_d
                 f"- {system}: TTFT p50 {o['pd_ttft_p50_ms']:.1f} ms, the prefill instance's "
                 f"own time {o['prefill_own_p50_ms']:.1f} ms: overhead "
                 f"{o['overhead_p50_ms']:.1f} ms; second token at "
-                f"{o.get('second_token_p50_ms', float('nan')):.1f} ms; the proxy's own time "
+                f"{o.get('second_token_p50_ms') or float('nan'):.1f} ms; the proxy's own time "
                 f"p50 <= {o.get('proxy_own_p50_ms_at_most', float('nan')):g} ms"
             )
+            if "first_token_handoffs" in o:
+                lines.append(
+                    f"  - first token from the prefill leg for {o['first_token_handoffs']} "
+                    f"requests: their overhead {o.get('handed_off_overhead_p50_ms', nan):.1f} ms,"
+                    f" second token at {o.get('handed_off_second_token_p50_ms') or nan:.1f} ms;"
+                    f" the others (sequential) {o.get('sequential_overhead_p50_ms', nan):.1f} ms"
+                )
     lines += cpu_table(results)
     lines += ["", "![TTFT and ITL percentiles](serving.png)", ""]
     (out_dir / "serving.md").write_text("\n".join(lines) + "\n")
@@ -516,8 +570,8 @@ def main() -> int:
     parser.add_argument(
         "--merge",
         action="store_true",
-        help="keep the other systems' rows of the serving.json in --out-dir "
-        "(rerun some systems; both commands are recorded)",
+        help="keep the rows of the serving.json in --out-dir that this run does not "
+        "redo (other systems or workloads; both commands are recorded)",
     )
     args = parser.parse_args()
     if shutil.which("pgrep") and subprocess.run(["pgrep", "-f", "vllm serve"]).returncode == 0:
@@ -535,7 +589,7 @@ def main() -> int:
         earlier = json.loads((args.out_dir / "serving.json").read_text())
         for workload, rows in earlier["results"].items():
             for system, row in rows.items():
-                if system not in args.systems:
+                if system not in args.systems or workload not in args.workloads:
                     results.setdefault(workload, {})[system] = row
         overhead = {k: v for k, v in earlier["overhead"].items() if k not in args.systems}
         commands = earlier.get("commands", [])
@@ -550,10 +604,13 @@ def main() -> int:
                 if workload.name not in args.workloads:
                     continue
                 seed = 100 + index  # the same prompts for every system
+                handoffs = _first_token_handoffs(url) if isinstance(system, PdServe) else None
                 with CpuMeter() as meter:
                     result = run_workload(url, model, workload, args.duration_s, workdir, seed)
                 result["cpu_cores"] = {g: round(v / meter.wall_s, 3)
                                        for g, v in meter.seconds.items()}  # fmt: skip
+                if handoffs is not None and result.get("completed"):
+                    result["first_token_handoffs"] = _share(handoffs, _first_token_handoffs(url))
                 results.setdefault(workload.name, {})[name] = result
                 shown = result.get("error") or (
                     f"TTFT p50 {result['p50_ttft_ms']:.0f} ms, "
@@ -564,7 +621,8 @@ def main() -> int:
                 overhead[name] = pd_overhead(system, url, workdir)
                 print(f"   overhead: {overhead[name]}", flush=True)
         except Exception as e:
-            print(f"   {name} failed: {e}", flush=True)
+            print(f"   {name} failed: {e!r}", flush=True)
+            traceback.print_exc()
             for workload in workloads():
                 results.setdefault(workload.name, {}).setdefault(name, {"error": str(e)[:300]})
         finally:

@@ -44,6 +44,12 @@ def test_chat_qualifies_unless_the_server_parses_its_output():
     assert not qualifies("chat/completions", CHAT, chat_output_parsed=True)
     assert not qualifies("chat/completions", {**CHAT, "tools": [{"type": "function"}]}, False)
     assert not qualifies("chat/completions", {**CHAT, "max_completion_tokens": 1}, False)
+    parts = [{"type": "text", "text": "hi"}]
+    assert qualifies("chat/completions", {**CHAT, "messages": [{"role": "user", "content": parts}]},
+                     chat_output_parsed=False)  # fmt: skip
+    image = [*parts, {"type": "image_url", "image_url": {"url": "data:,"}}]
+    assert not qualifies("chat/completions", {**CHAT, "messages": [{"role": "user",
+                         "content": image}]}, chat_output_parsed=False)  # fmt: skip
     # Completions have no chat output to parse.
     assert qualifies("completions", STREAM, chat_output_parsed=True)
 
@@ -72,7 +78,7 @@ def test_first_token_read_from_answers():
 @pytest.mark.parametrize(
     "answer",
     [completion_answer(finish="stop"),  # EOS: decode must end the same way
-     completion_answer(text="\ufffd"),  # half a character
+     completion_answer(text="\ufffd"),  # part of a character
      completion_answer(text=""),
      completion_answer(token_ids=(1, 2)),
      {"id": "x", "choices": []}],

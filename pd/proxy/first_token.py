@@ -11,7 +11,9 @@ instance's, token for token, and the time to first token is the prefill instance
 
 Only requests whose answer does not change when the first token moves into the
 prompt take this way (``qualifies``); the others go sequentially. So does a request
-whose first token ended it, or was part of a character (its text is not whole yet).
+whose first token ended it, or is part of a character (byte-level tokenizers): vLLM's
+detokenizer, primed with a prompt that ends inside a character, would send the whole
+prompt's text along with the second token.
 """
 
 from __future__ import annotations
@@ -44,8 +46,10 @@ def qualifies(endpoint: str, body: dict[str, Any], chat_output_parsed: bool) -> 
     answer as it is (and there is a first token worth sending early)."""
     if not body.get("stream") or body.get("n", 1) != 1:
         return False
-    if endpoint == "chat/completions" and chat_output_parsed:
-        return False  # a reasoning or tool parser must see the output from its start
+    if endpoint == "chat/completions" and (chat_output_parsed or not _text_only(body)):
+        # A reasoning or tool parser must see the output from its start; vLLM renders
+        # messages with images or audio again instead of taking the token ids.
+        return False
     if endpoint == "completions" and not _single_prompt(body.get("prompt")):
         return False
     if any(body.get(key) not in (None, False, [], {}) for key in _POSITION_DEPENDENT):
@@ -56,6 +60,16 @@ def qualifies(endpoint: str, body: dict[str, Any], chat_output_parsed: bool) -> 
         return False
     limit = _max_tokens(endpoint, body)
     return limit is None or limit >= 2
+
+
+def _text_only(body: dict[str, Any]) -> bool:
+    for message in body.get("messages") or []:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list) and any(
+            not isinstance(part, dict) or part.get("type") != "text" for part in content
+        ):
+            return False
+    return True
 
 
 def _single_prompt(prompt: Any) -> bool:
@@ -85,7 +99,7 @@ class FirstToken:
     @classmethod
     def from_answer(cls, endpoint: str, answer: dict[str, Any]) -> FirstToken | None:
         """None if the answer cannot be continued: the request ended with this token,
-        or its text is not whole (a character split over tokens)."""
+        or it is part of a character (no text yet)."""
         try:
             choice = answer["choices"][0]
             if choice.get("finish_reason") != "length":
