@@ -488,7 +488,7 @@ def write_report(results: dict, overhead: dict, commands: list[str], args, out_d
                 f"{o.get('second_token_p50_ms') or float('nan'):.1f} ms; the proxy's own time "
                 f"p50 <= {o.get('proxy_own_p50_ms_at_most', float('nan')):g} ms"
             )
-            if "first_token_handoffs" in o:
+            if "handed_off_overhead_p50_ms" in o:
                 lines.append(
                     f"  - first token from the prefill leg for {o['first_token_handoffs']} "
                     f"requests: their overhead {o.get('handed_off_overhead_p50_ms', nan):.1f} ms,"
