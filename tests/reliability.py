@@ -945,21 +945,42 @@ async def decode_stops_answering(serve: PdServe, http: httpx.AsyncClient, r: Sce
 async def request_deadline(serve: PdServe, http: httpx.AsyncClient, r: ScenarioResult):
     """A stream that keeps producing tokens but runs past timeouts.request_s is ended
     by the proxy with an error event at the deadline. Decode is throttled (stopped and
-    continued in turns, never for long) so the stream is slow but never silent."""
+    continued in turns) so the stream is slow but never silent for long.
+
+    The throttle holds the stream to a pace at which it could not finish before twice
+    its deadline, whatever speed the machine decodes at: a fixed duty cycle let a fast
+    machine finish 1900 tokens inside the deadline."""
     decode = serve.instances()["pd-decode-0"]
     bound = serve.request_s + PROXY_SLACK_S
+    max_tokens = 1900
+    pace_tok_s = max_tokens / (2 * bound)
+    longest_silence_s = 1.2  # under the proxy's 2 s health-check timeout
     throttling = True
+    events = 0
+    first_event = asyncio.Event()
+
+    def on_event() -> None:
+        nonlocal events
+        events += 1
+        first_event.set()
 
     async def throttle() -> None:
+        started = time.monotonic()
         while throttling:
             decode.stop()
-            await asyncio.sleep(0.4)
+            stopped = time.monotonic()
+            await asyncio.sleep(0.2)
+            while (
+                throttling
+                and events > pace_tok_s * (time.monotonic() - started)
+                and time.monotonic() - stopped < longest_silence_s
+            ):
+                await asyncio.sleep(0.05)
             decode.resume()
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.03)
 
-    first_event = asyncio.Event()
-    body = completion_body(100, 1900, stream=True)
-    task = asyncio.create_task(send(http, serve.url, body, bound, first_event.set))
+    body = completion_body(100, max_tokens, stream=True)
+    task = asyncio.create_task(send(http, serve.url, body, bound, on_event))
     await asyncio.wait_for(first_event.wait(), 60)
     throttler = asyncio.create_task(throttle())
     try:
