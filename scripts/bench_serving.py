@@ -90,6 +90,7 @@ def workloads() -> list[Workload]:
 
 class System:
     name: str
+    decode_url: str  # the vLLM instance that generates the tokens after the first
 
     def start(self, model: Path, workdir: Path) -> str:
         """Start and return the OpenAI base URL once healthy."""
@@ -111,7 +112,8 @@ class Colocated(System):
 
     def start(self, model: Path, workdir: Path) -> str:
         self.server = _server("colocated", model, workdir, [], {"VLLM_CPU_OMP_THREADS_BIND": "0-1"})
-        return self.server.wait_ready().url
+        self.decode_url = self.server.wait_ready().url
+        return self.decode_url
 
     def stop(self) -> None:
         self.server.stop()
@@ -146,11 +148,15 @@ class PdServe(System):
         )  # fmt: skip
         url = f"http://127.0.0.1:{port}"
         _wait_healthy(url, self.proc, workdir / f"{self.name}.log")
+        self.decode_url = self._instance_url(workdir, "pd-decode-0")
         return url
 
     def prefill_url(self, workdir: Path) -> str:
+        return self._instance_url(workdir, "pd-prefill-0")
+
+    def _instance_url(self, workdir: Path, instance: str) -> str:
         text = (workdir / f"{self.name}.log").read_text()
-        line = next(x for x in text.splitlines() if "pd-prefill-0: starting vLLM at" in x)
+        line = next(x for x in text.splitlines() if f"{instance}: starting vLLM at" in x)
         return line.split(" at ")[1].split(" ")[0]
 
     def stop(self) -> None:
@@ -184,6 +190,7 @@ class StockVllmPD(System):
         ]  # fmt: skip
         for server in self.servers:
             server.wait_ready()
+        self.decode_url = self.servers[1].url
         self.proxy = DisaggProxy(self.servers[0].url, self.servers[1].url)
         return self.proxy.start()
 
@@ -328,7 +335,7 @@ def pd_overhead(system: PdServe, url: str, workdir: Path, num_prompts: int = 40)
     is part of a character, frequent with the random-weight byte-level model)."""
     prefill_url = system.prefill_url(workdir)
     prompts = [[(i * 31 + j * 7) % 250 for j in range(1024)] for i in range(num_prompts)]
-    own, ttft, second, handed_off = [], [], [], []
+    own, ttft, second, handed_off, legs = [], [], [], [], []
     with httpx.Client(timeout=60) as client:
         # Interleaved, so that a machine getting faster or slower biases neither side.
         handoffs = _first_token_handoffs(url)
@@ -356,11 +363,12 @@ def pd_overhead(system: PdServe, url: str, workdir: Path, num_prompts: int = 40)
             # Scraped after the timed request: /metrics makes every instance render its own.
             before_request, handoffs = handoffs, _first_token_handoffs(url)
             handed_off.append(handoffs[0] > before_request[0])
+            legs.append(handoffs[2] - before_request[2])
         before = _own_time_buckets(client, url)
         for prompt in prompts:
             body = {"model": SERVED, "prompt": prompt[:64], "max_tokens": 1}
             client.post(f"{url}/v1/completions", json=body).raise_for_status()
-        own_time = _bucket_p50_ms(before, _own_time_buckets(client, url))
+        own_time = _bucket_quantile_ms(before, _own_time_buckets(client, url), 0.5)
     own_ms = 1000 * statistics.median(own[4:])  # the first ones warm both paths up
 
     def p50_ms(values: list[float], which: bool | None = None) -> float | None:
@@ -369,49 +377,69 @@ def pd_overhead(system: PdServe, url: str, workdir: Path, num_prompts: int = 40)
         return 1000 * statistics.median(kept) if kept else None
 
     ttft_ms = p50_ms(ttft)
+    # Paired: each request's TTFT minus its own prefill leg, as the proxy timed it.
+    paired = [t - leg for t, leg in zip(ttft, legs, strict=True)]
     result = {"prefill_own_p50_ms": own_ms, "pd_ttft_p50_ms": ttft_ms,
               "overhead_p50_ms": ttft_ms - own_ms, "proxy_own_p50_ms_at_most": own_time,
-              "second_token_p50_ms": p50_ms(second)}  # fmt: skip
+              "second_token_p50_ms": p50_ms(second),
+              "paired_overhead_p50_ms": p50_ms(paired)}  # fmt: skip
     if any(handed_off):
         result["first_token_handoffs"] = f"{sum(handed_off[4:])} of {len(handed_off[4:])}"
         for which, key in ((True, "handed_off"), (False, "sequential")):
             if (ms := p50_ms(ttft, which)) is not None:
                 result[f"{key}_overhead_p50_ms"] = ms - own_ms
+                result[f"{key}_paired_overhead_p50_ms"] = p50_ms(paired, which)
                 result[f"{key}_second_token_p50_ms"] = p50_ms(second, which)
     return result
 
 
-def _first_token_handoffs(url: str) -> tuple[float, float]:
-    """(requests so far whose first token came from the prefill leg, requests so far)."""
-    handoffs = answered = 0.0
+def _first_token_handoffs(url: str) -> tuple[float, float, float]:
+    """(requests so far whose first token came from the prefill leg, requests so far,
+    seconds spent in prefill legs so far)."""
+    handoffs = answered = prefill_s = 0.0
     for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
         if line.startswith("pd_first_token_handoffs_total "):
             handoffs = float(line.split()[1])
         elif line.startswith("pd_requests_total{") and 'status="200"' in line:
             answered += float(line.rsplit(" ", 1)[1])
-    return handoffs, answered
+        elif line.startswith("pd_prefill_seconds_sum "):
+            prefill_s = float(line.split()[1])
+    return handoffs, answered, prefill_s
 
 
-def _share(before: tuple[float, float], after: tuple[float, float]) -> str:
+def _share(before: tuple[float, ...], after: tuple[float, ...]) -> str:
     return f"{after[0] - before[0]:.0f} of {after[1] - before[1]:.0f}"
 
 
 def _own_time_buckets(client: httpx.Client, url: str) -> dict[float, float]:
     """The proxy's pd_proxy_overhead_seconds histogram: upper bound -> cumulative count."""
-    buckets = {}
-    for line in client.get(f"{url}/metrics").text.splitlines():
-        if line.startswith("pd_proxy_overhead_seconds_bucket"):
-            bound = line.split('le="')[1].split('"')[0]
-            buckets[float(bound)] = float(line.rsplit(" ", 1)[1])
+    return _histogram(client.get(f"{url}/metrics").text, "pd_proxy_overhead_seconds")
+
+
+def _engine_itl_buckets(decode_url: str) -> dict[float, float]:
+    """The decode instance's vllm:inter_token_latency_seconds: the gaps between a
+    request's tokens as its engine core produced them (before any IPC, HTTP or proxy)."""
+    text = httpx.get(f"{decode_url}/metrics", timeout=30).text
+    return _histogram(text, "vllm:inter_token_latency_seconds")
+
+
+def _histogram(metrics_text: str, name: str) -> dict[float, float]:
+    """Prometheus histogram ``name``, summed over its label sets: bound -> cumulative count."""
+    buckets: dict[float, float] = {}
+    for line in metrics_text.splitlines():
+        if line.startswith(f"{name}_bucket"):
+            bound = float(line.split('le="')[1].split('"')[0])
+            buckets[bound] = buckets.get(bound, 0.0) + float(line.rsplit(" ", 1)[1])
     return buckets
 
 
-def _bucket_p50_ms(before: dict[float, float], after: dict[float, float]) -> float:
-    """The smallest bucket bound holding half of the requests between two scrapes."""
+def _bucket_quantile_ms(before: dict[float, float], after: dict[float, float], q: float) -> float:
+    """The smallest bucket bound holding a share ``q`` of the observations between two
+    scrapes: an upper bound of the quantile."""
     delta = {b: after[b] - before.get(b, 0.0) for b in sorted(after)}
     total = delta.get(float("inf"), 0.0)
     for bound, count in delta.items():
-        if total and count >= total / 2:
+        if total and count >= q * total:
             return 1000 * bound
     return float("nan")
 
@@ -485,20 +513,62 @@ def write_report(results: dict, overhead: dict, commands: list[str], args, out_d
                 f"- {system}: TTFT p50 {o['pd_ttft_p50_ms']:.1f} ms, the prefill instance's "
                 f"own time {o['prefill_own_p50_ms']:.1f} ms: overhead "
                 f"{o['overhead_p50_ms']:.1f} ms; second token at "
-                f"{o.get('second_token_p50_ms') or float('nan'):.1f} ms; the proxy's own time "
-                f"p50 <= {o.get('proxy_own_p50_ms_at_most', float('nan')):g} ms"
+                f"{o.get('second_token_p50_ms') or float('nan'):.1f} ms; paired (each "
+                f"request's TTFT minus its own prefill leg as the proxy timed it) "
+                f"{o.get('paired_overhead_p50_ms') or nan:.1f} ms; the proxy's own time "
+                f"p50 <= {o.get('proxy_own_p50_ms_at_most', nan):g} ms"
             )
             if "handed_off_overhead_p50_ms" in o:
                 lines.append(
                     f"  - first token from the prefill leg for {o['first_token_handoffs']} "
                     f"requests: their overhead {o.get('handed_off_overhead_p50_ms', nan):.1f} ms,"
                     f" second token at {o.get('handed_off_second_token_p50_ms') or nan:.1f} ms;"
-                    f" the others (sequential) {o.get('sequential_overhead_p50_ms', nan):.1f} ms"
+                    f" the others (sequential) {o.get('sequential_overhead_p50_ms', nan):.1f} ms;"
+                    f" paired {o.get('handed_off_paired_overhead_p50_ms') or nan:.1f} and "
+                    f"{o.get('sequential_paired_overhead_p50_ms') or nan:.1f} ms"
                 )
     lines += cpu_table(results)
+    lines += itl_table(results)
     lines += ["", "![TTFT and ITL percentiles](serving.png)", ""]
-    (out_dir / "serving.md").write_text("\n".join(lines) + "\n")
+    report = out_dir / "serving.md"
+    # The written analysis below the generated part survives a rerun (to be updated by hand).
+    analysis = report.read_text().partition(ANALYSIS)[2] if report.exists() else ""
+    if analysis:
+        lines += ["", ANALYSIS + analysis.rstrip("\n")]
+    report.write_text("\n".join(lines) + "\n")
     chart(results, out_dir / "serving.png")
+
+
+ANALYSIS = "## What the numbers show"
+
+
+def itl_table(results: dict) -> list[str]:
+    """Where the inter-token time goes: the gaps as the decode engine produced them
+    against the gaps the client saw, and how long the decode worker waited for a core."""
+    lines = ["", "Where the inter-token time goes: ITL as the client saw it, against the gaps "
+             "between tokens as the decode instance's engine produced them (vLLM's "
+             "`vllm:inter_token_latency_seconds`, every request on that instance, read as "
+             "bucket upper bounds), and how long threads were runnable but waited for a core "
+             "(ms per second of run, from /proc schedstat).", "",
+             "| workload | system | client ITL p50/p90/p99 ms | engine ITL p50/p90/p99 ms "
+             "(at most) | decode worker waited | vLLM's other processes waited | "
+             "everything else waited |",
+             "| --- | --- | --- | --- | ---: | ---: | ---: |"]  # fmt: skip
+    for workload in workloads():
+        for system, r in sorted(results.get(workload.name, {}).items(),
+                                key=lambda item: _order(item[0])):  # fmt: skip
+            if "engine_itl_ms_at_most" not in r:
+                continue
+            decode_worker = f"vLLM worker [cores {'0-1' if system == 'colocated' else '1'}]"
+            waits = r.get("run_queue_wait", {})
+            worker = waits.get(decode_worker, 0.0)
+            vllm = sum(v for g, v in waits.items() if g.startswith("vLLM ")) - worker
+            rest = sum(v for g, v in waits.items() if not g.startswith("vLLM "))
+            client = "/".join(f"{r[f'p{q}_itl_ms']:.0f}" for q in (50, 90, 99))
+            engine = "/".join(f"{v:g}" for v in r["engine_itl_ms_at_most"].values())
+            waited = " | ".join(f"{1000 * v:.0f}" for v in (worker, vllm, rest))
+            lines.append(f"| {workload.name} | {system} | {client} | {engine} | {waited} |")
+    return lines if len(lines) > 5 else []
 
 
 CPU_COLUMNS = {
@@ -605,10 +675,18 @@ def main() -> int:
                     continue
                 seed = 100 + index  # the same prompts for every system
                 handoffs = _first_token_handoffs(url) if isinstance(system, PdServe) else None
+                itl_before = _engine_itl_buckets(system.decode_url)
                 with CpuMeter() as meter:
                     result = run_workload(url, model, workload, args.duration_s, workdir, seed)
                 result["cpu_cores"] = {g: round(v / meter.wall_s, 3)
                                        for g, v in meter.seconds.items()}  # fmt: skip
+                result["run_queue_wait"] = {g: round(v / meter.wall_s, 4)
+                                            for g, v in meter.waited_s.items()}  # fmt: skip
+                itl_after = _engine_itl_buckets(system.decode_url)
+                result["engine_itl_ms_at_most"] = {
+                    f"p{q}": _bucket_quantile_ms(itl_before, itl_after, q / 100)
+                    for q in (50, 90, 99)
+                }
                 if handoffs is not None and result.get("completed"):
                     result["first_token_handoffs"] = _share(handoffs, _first_token_handoffs(url))
                 results.setdefault(workload.name, {})[name] = result

@@ -4,7 +4,10 @@
 left, and sums the difference by group: each vLLM process kind per core binding
 (``VLLM_CPU_OMP_THREADS_BIND``: core 0 is prefill, core 1 decode, 0-1 colocated),
 Ray, pd-serve, the load generator (children of this process that ended meanwhile)
-and the rest. Used by scripts/bench_serving.py to explain the latencies it reports.
+and the rest. It also sums, from ``/proc/<pid>/task/*/schedstat``, how long each
+group's threads were runnable but waited for a core (the scheduler's run delay): a
+decode step that waits there shows up in the client's inter-token latency. Used by
+scripts/bench_serving.py to explain the latencies it reports.
 """
 
 from __future__ import annotations
@@ -23,12 +26,14 @@ HARNESS = "harness (incl. the stock P/D proxy)"
 class CpuMeter:
     def __enter__(self) -> CpuMeter:
         self._before = _cpu_by_process()
+        self._waits_before = _run_delay_by_process()
         self._children = _children_cpu()
         self._started = time.monotonic()
         return self
 
     def __exit__(self, *exc: object) -> None:
         after = _cpu_by_process()
+        waits_after = _run_delay_by_process()
         self.wall_s = time.monotonic() - self._started
         groups: dict[str, float] = defaultdict(float)
         for pid, (group, seconds) in after.items():
@@ -36,6 +41,11 @@ class CpuMeter:
             groups[group] += seconds - (before[1] if before and before[0] == group else 0.0)
         groups[LOAD_GENERATOR] += _children_cpu() - self._children
         self.seconds = {g: round(s, 2) for g, s in sorted(groups.items()) if s >= 0.05}
+        waits: dict[str, float] = defaultdict(float)
+        for pid, (group, seconds) in waits_after.items():
+            before = self._waits_before.get(pid)
+            waits[group] += seconds - (before[1] if before and before[0] == group else 0.0)
+        self.waited_s = {g: round(s, 3) for g, s in sorted(waits.items()) if s >= 0.001}
 
 
 def _children_cpu() -> float:
@@ -56,13 +66,33 @@ def _cpu_by_process() -> dict[int, tuple[str, float]]:
     return seen
 
 
+def _run_delay_by_process() -> dict[int, tuple[str, float]]:
+    """pid -> (group, seconds its live threads spent runnable but not running)."""
+    seen = {}
+    me = os.getpid()
+    for proc in psutil.process_iter(["pid", "name", "cmdline"]):
+        try:
+            group = HARNESS if proc.pid == me else _group(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+        waited_ns = 0
+        try:
+            for task in os.scandir(f"/proc/{proc.pid}/task"):
+                with open(f"{task.path}/schedstat") as f:
+                    waited_ns += int(f.read().split()[1])
+        except (OSError, ValueError, IndexError):
+            continue  # the process or one of its threads ended meanwhile
+        seen[proc.pid] = (group, waited_ns / 1e9)
+    return seen
+
+
 def _group(proc: psutil.Process) -> str:
     name = proc.info["name"] or ""
     cmdline = " ".join(proc.info["cmdline"] or [])
     if "bench serve" in cmdline:
         return LOAD_GENERATOR
     if name.startswith("VLLM::") or "vllm serve" in cmdline:
-        kind = {"VLLM::Worker": "worker", "VLLM::EngineCor": "engine core"}.get(name, "API server")
+        kind = next((k for prefix, k in _VLLM_KINDS if name.startswith(prefix)), "API server")
         return f"vLLM {kind} [cores {_binding(proc)}]"
     if name == "ray::InstanceActor":
         return "pd instance actors (Ray workers)"
@@ -73,8 +103,17 @@ def _group(proc: psutil.Process) -> str:
     return "other"
 
 
+_VLLM_KINDS = (("VLLM::Worker", "worker"), ("VLLM::EngineCor", "engine core"))
+
+
 def _binding(proc: psutil.Process) -> str:
+    """The core binding of the ``vllm serve`` a process belongs to (vLLM's own children
+    do not always inherit the variable, so ask the ancestors too)."""
     try:
-        return proc.environ().get("VLLM_CPU_OMP_THREADS_BIND", "?")
+        for ancestor in [proc, *proc.parents()]:
+            binding = ancestor.environ().get("VLLM_CPU_OMP_THREADS_BIND")
+            if binding is not None:
+                return binding
     except (psutil.AccessDenied, psutil.ZombieProcess, psutil.NoSuchProcess):
-        return "?"
+        pass
+    return "?"

@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 import openai
+import psutil
 import pytest
 import yaml
 from openai import OpenAI
@@ -381,7 +382,8 @@ def actor_infos(serve: PdServe) -> dict[str, dict]:
         "infos = {}\n"
         "for name in ('pd-prefill-0', 'pd-decode-0'):\n"
         "    info = ray.get(ray.get_actor(name).info.remote())\n"
-        "    infos[name] = {'state': info.state, 'url': info.url, 'pid': info.pid}\n"
+        "    infos[name] = {'state': info.state, 'url': info.url, 'pid': info.pid,\n"
+        "                   'niceness': info.niceness}\n"
         "print(json.dumps(infos))\n"
     )
     result = subprocess.run(
@@ -397,6 +399,17 @@ def test_named_actors_exist_in_ray(serve):
     for name in ("pd-prefill-0", "pd-decode-0"):
         assert infos[name]["state"] == "ready"
         assert infos[name]["url"].startswith("http://127.0.0.1:")
+
+
+def test_engines_run_at_normal_priority(serve):
+    """Ray starts its workers at niceness 15; vLLM inherits it unless pd undoes it."""
+    for name, info in actor_infos(serve).items():
+        assert info["niceness"] == 0, name
+        server = psutil.Process(info["pid"])
+        processes = [server.parent(), server, *server.children(recursive=True)]
+        assert len(processes) >= 3, f"{name}: no engine processes under {server}"
+        for proc in processes:
+            assert proc.nice() == 0, f"{name}: {proc.name()} runs at niceness {proc.nice()}"
 
 
 def test_crashed_instance_restarts_and_rejoins(serve, client):

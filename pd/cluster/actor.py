@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pd.cluster.plan import InstancePlan
+from pd.cluster.priority import raise_to_engine_priority
 from pd.vllm_server import VllmServer
 
 logger = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ class InstanceInfo:
     pid: int | None
     incarnation: int  # 0 at first start, +1 per Ray restart
     log_path: str
+    niceness: int  # the vLLM server's CPU priority (0 normal; Ray's workers default to 15)
 
 
 class InstanceActor:
@@ -48,6 +50,7 @@ class InstanceActor:
         model = str(make_model(plan.model_preset)) if plan.model_preset else plan.model
         self._state = STARTING
         self._stopping = False
+        self._niceness = raise_to_engine_priority()  # vLLM inherits it
         self._server = VllmServer(
             plan.name,
             model,
@@ -67,6 +70,7 @@ class InstanceActor:
             pid=self._server.proc.pid if self._server.proc else None,
             incarnation=self._incarnation,
             log_path=str(self._server.log_path),
+            niceness=self._niceness,
         )
 
     def log_tail(self, lines: int = 40) -> str:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from pd.cluster.actor import FAILED, READY, InstanceActor, InstanceInfo
 from pd.cluster.plan import ClusterPlan, InstancePlan
+from pd.cluster.priority import local_ray_env, niceness_warning
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,8 @@ class Cluster:
 
         ray_spec = self.plan.config.ray
         self._started_ray = ray_spec.address is None
+        if self._started_ray:
+            local_ray_env()
         progress(
             "ray: starting a local cluster"
             if self._started_ray
@@ -114,6 +117,8 @@ class Cluster:
                     raise StartupError(f"{name}: its actor died during start-up: {e}") from e
                 if name not in announced:
                     progress(f"{name}: starting vLLM at {info.url} (log: {info.log_path})")
+                    if warning := niceness_warning(name, info.niceness):
+                        progress(f"warning: {warning}")
                     announced.add(name)
                 if info.state == READY:
                     progress(f"{name}: ready after {time.monotonic() - started:.0f}s")
