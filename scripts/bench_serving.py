@@ -336,9 +336,11 @@ def pd_overhead(system: PdServe, url: str, workdir: Path, num_prompts: int = 40)
     prefill_url = system.prefill_url(workdir)
     prompts = [[(i * 31 + j * 7) % 250 for j in range(1024)] for i in range(num_prompts)]
     own, ttft, second, handed_off, legs = [], [], [], [], []
+    decode_side: list[dict[str, float]] = []
     with httpx.Client(timeout=60) as client:
         # Interleaved, so that a machine getting faster or slower biases neither side.
         handoffs = _first_token_handoffs(url)
+        decode_sums = _decode_sums(system.decode_url)
         for prompt in prompts:
             body = {"model": SERVED, "prompt": prompt, "max_tokens": 1}
             time.sleep(_SETTLE_S)
@@ -364,6 +366,8 @@ def pd_overhead(system: PdServe, url: str, workdir: Path, num_prompts: int = 40)
             before_request, handoffs = handoffs, _first_token_handoffs(url)
             handed_off.append(handoffs[0] > before_request[0])
             legs.append(handoffs[2] - before_request[2])
+            before_sums, decode_sums = decode_sums, _decode_sums(system.decode_url)
+            decode_side.append({k: decode_sums[k] - before_sums[k] for k in decode_sums})
         before = _own_time_buckets(client, url)
         for prompt in prompts:
             body = {"model": SERVED, "prompt": prompt[:64], "max_tokens": 1}
@@ -383,6 +387,9 @@ def pd_overhead(system: PdServe, url: str, workdir: Path, num_prompts: int = 40)
               "overhead_p50_ms": ttft_ms - own_ms, "proxy_own_p50_ms_at_most": own_time,
               "second_token_p50_ms": p50_ms(second),
               "paired_overhead_p50_ms": p50_ms(paired)}  # fmt: skip
+    # Where the sequential path's time goes, as the decode instance saw each request.
+    for key in DECODE_SUMS:
+        result[f"decode_{key}_p50_ms"] = p50_ms([d[key] for d in decode_side], False)
     if any(handed_off):
         result["first_token_handoffs"] = f"{sum(handed_off[4:])} of {len(handed_off[4:])}"
         for which, key in ((True, "handed_off"), (False, "sequential")):
@@ -405,6 +412,23 @@ def _first_token_handoffs(url: str) -> tuple[float, float, float]:
         elif line.startswith("pd_prefill_seconds_sum "):
             prefill_s = float(line.split()[1])
     return handoffs, answered, prefill_s
+
+
+DECODE_SUMS = {
+    "ttft": "vllm:time_to_first_token_seconds_sum",  # the decode server got it -> 1st token
+    "queue": "vllm:request_queue_time_seconds_sum",  # waiting, the KV load included
+}
+
+
+def _decode_sums(decode_url: str) -> dict[str, float]:
+    """The decode instance's running totals of DECODE_SUMS (one request's share is the
+    difference across it)."""
+    totals = dict.fromkeys(DECODE_SUMS, 0.0)
+    for line in httpx.get(f"{decode_url}/metrics", timeout=30).text.splitlines():
+        for key, name in DECODE_SUMS.items():
+            if line.startswith(name):
+                totals[key] += float(line.rsplit(" ", 1)[1])
+    return totals
 
 
 def _share(before: tuple[float, ...], after: tuple[float, ...]) -> str:
@@ -518,6 +542,13 @@ def write_report(results: dict, overhead: dict, commands: list[str], args, out_d
                 f"{o.get('paired_overhead_p50_ms') or nan:.1f} ms; the proxy's own time "
                 f"p50 <= {o.get('proxy_own_p50_ms_at_most', nan):g} ms"
             )
+            if o.get("decode_ttft_p50_ms") is not None:
+                lines.append(
+                    f"  - requests through decode (sequential path), as the decode instance "
+                    f"timed them: its vLLM server got the request -> first token "
+                    f"{o['decode_ttft_p50_ms']:.1f} ms, of which waiting to be scheduled "
+                    f"(the KV load included) {o['decode_queue_p50_ms']:.1f} ms"
+                )
             if "handed_off_overhead_p50_ms" in o:
                 lines.append(
                     f"  - first token from the prefill leg for {o['first_token_handoffs']} "

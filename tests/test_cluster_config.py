@@ -40,6 +40,7 @@ BAD_CONFIGS = [
     ("model: {preset: tiny}\nconnector: {lease_timeout_s: -1}", "connector.lease_timeout_s"),
     ("model: {preset: tiny}\ntimeouts: {startup_s: 0}", "timeouts.startup_s"),
     ("model: {preset: tiny}\nprefill: {resources: {gpus: -1}}", "prefill.resources.gpus"),
+    ("model: {preset: tiny}\ndecode: {resources: {niceness: 20}}", "decode.resources.niceness"),
     (
         "model: {preset: tiny}\nprefill: {resources: {gpus: 2}, "
         "engine_args: {tensor_parallel_size: 4}}",
@@ -108,6 +109,16 @@ def test_local_plan_gives_each_instance_its_own_core(monkeypatch):
     assert not plan.warnings
     assert "kv_producer" in " ".join(by_name["pd-prefill-0"].vllm_args)
     assert "kv_consumer" in " ".join(by_name["pd-decode-0"].vllm_args)
+
+
+def test_niceness_per_role(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {preset: tiny}\nprefill: {resources: {niceness: 5}}")
+    plan = make_plan(load_config(path), available_cores=[0, 1])
+    by_name = {i.name: i for i in plan.instances}
+    assert by_name["pd-prefill-0"].niceness == 5
+    assert by_name["pd-decode-0"].niceness == 0  # normal priority unless asked
+    assert "nice=5" in plan.describe()
 
 
 def test_plan_warns_when_cores_are_shared(tmp_path):

@@ -28,9 +28,14 @@ def _may_raise_priority() -> bool:
 
 
 def test_an_actor_at_rays_niceness_raises_itself_where_allowed():
-    code = "from pd.cluster.priority import raise_to_engine_priority as r; print(r())"
+    code = "from pd.cluster.priority import set_niceness; print(set_niceness(0))"
     expected = "0" if _may_raise_priority() else "15"
     assert _in_child_at_niceness(15, code) == expected
+
+
+def test_lowering_priority_needs_no_privilege():
+    code = "from pd.cluster.priority import set_niceness; print(set_niceness(12))"
+    assert _in_child_at_niceness(5, code) == "12"
 
 
 def test_without_the_privilege_the_niceness_is_reported_unchanged(monkeypatch):
@@ -40,22 +45,22 @@ def test_without_the_privilege_the_niceness_is_reported_unchanged(monkeypatch):
         raise PermissionError(1, "Operation not permitted")
 
     monkeypatch.setattr(os, "setpriority", refuse)
-    assert priority.raise_to_engine_priority() == 15
-    warning = priority.niceness_warning("pd-decode-0", 15)
+    assert priority.set_niceness(0) == 15
+    warning = priority.niceness_warning("pd-decode-0", 0, 15)
     assert warning is not None
-    assert "pd-decode-0" in warning and "niceness 15" in warning
+    assert "pd-decode-0" in warning and "niceness 15, not 0" in warning
     assert "RAY_worker_niceness=0" in warning
 
 
-def test_normal_priority_is_left_alone(monkeypatch):
+def test_the_wanted_niceness_is_left_alone(monkeypatch):
     def must_not_be_called(*args: object) -> None:
-        raise AssertionError("setpriority called for a process at normal priority")
+        raise AssertionError("setpriority called for a process already at its niceness")
 
     monkeypatch.setattr(os, "setpriority", must_not_be_called)
     if os.getpriority(os.PRIO_PROCESS, 0) != 0:
         pytest.fail("the test process itself should run at niceness 0")
-    assert priority.raise_to_engine_priority() == 0
-    assert priority.niceness_warning("pd-decode-0", 0) is None
+    assert priority.set_niceness(0) == 0
+    assert priority.niceness_warning("pd-decode-0", 0, 0) is None
 
 
 def test_a_local_cluster_starts_its_workers_at_normal_priority(monkeypatch):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pd.cluster.plan import InstancePlan
-from pd.cluster.priority import raise_to_engine_priority
+from pd.cluster.priority import set_niceness
 from pd.vllm_server import VllmServer
 
 logger = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ class InstanceActor:
         model = str(make_model(plan.model_preset)) if plan.model_preset else plan.model
         self._state = STARTING
         self._stopping = False
-        self._niceness = raise_to_engine_priority()  # vLLM inherits it
+        self._niceness = set_niceness(plan.niceness)  # vLLM inherits it
         self._server = VllmServer(
             plan.name,
             model,

@@ -55,6 +55,10 @@ class Resources(_Strict):
     instance its own cores; null leaves binding to vLLM."""
     cpu_kv_cache_gib: Annotated[float, Field(gt=0)] = 1
     """CPU machines: KV cache size per instance (VLLM_CPU_KVCACHE_SPACE)."""
+    niceness: Annotated[int, Field(ge=-20, le=19)] = 0
+    """CPU priority of the instance's vLLM processes (Linux nice, -20..19; 0 normal).
+    Ray starts its workers at 15; pd sets this instead. A value below the Ray worker's
+    needs CAP_SYS_NICE (pd-serve warns where it is missing)."""
 
 
 class RoleSpec(_Strict):

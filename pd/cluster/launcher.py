@@ -117,7 +117,7 @@ class Cluster:
                     raise StartupError(f"{name}: its actor died during start-up: {e}") from e
                 if name not in announced:
                     progress(f"{name}: starting vLLM at {info.url} (log: {info.log_path})")
-                    if warning := niceness_warning(name, info.niceness):
+                    if warning := niceness_warning(name, handle.plan.niceness, info.niceness):
                         progress(f"warning: {warning}")
                     announced.add(name)
                 if info.state == READY:

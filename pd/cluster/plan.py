@@ -34,6 +34,7 @@ class InstancePlan:
     num_cpus: float
     num_gpus: int
     cpu_cores: str | None
+    niceness: int = 0  # the vLLM server's CPU priority
 
 
 @dataclass(frozen=True)
@@ -59,8 +60,9 @@ class ClusterPlan:
         ]
         for inst in self.instances:
             cores = f" cores={inst.cpu_cores}" if inst.cpu_cores else ""
+            nice = f" nice={inst.niceness}" if inst.niceness else ""
             lines.append(
-                f"  {inst.name:<14} cpus={inst.num_cpus:g} gpus={inst.num_gpus}{cores} "
+                f"  {inst.name:<14} cpus={inst.num_cpus:g} gpus={inst.num_gpus}{cores}{nice} "
                 f"port=auto\n    vllm serve {shlex.join([inst.model, *inst.vllm_args])}"
             )
         lines += [f"warning: {w}" for w in self.warnings]
@@ -110,6 +112,7 @@ def make_plan(config: ClusterConfig, available_cores: list[int] | None = None) -
                     num_cpus=spec.resources.cpus,
                     num_gpus=spec.resources.gpus,
                     cpu_cores=cpu_cores,
+                    niceness=spec.resources.niceness,
                 )
             )
     if not _is_loopback(config.proxy.host) and config.proxy.resolved_api_key() is None:
