@@ -10,6 +10,9 @@ Systems:
   pd-<transport>-<flow>
                   pd-serve, prefill on core 0 and decode on core 1, with one transport
                   (nixl, zmq) and one proxy flow (first-token, sequential, concurrent)
+  pd-nixl-sequential-nice15, pd-nixl-sequential-prefill-nice10
+                  (only when named) the same with the instances' CPU priority changed:
+                  both at Ray's worker default, or prefill below decode
   vllm-pd-stock   vLLM prefill + decode with NixlConnector, behind the minimal proxy
                   below (vLLM's disaggregation protocol), as shipped
   vllm-pd-tuned   the same with its two CPU defects neutralized
@@ -120,10 +123,11 @@ class Colocated(System):
 
 
 class PdServe(System):
-    def __init__(self, transport: str, flow: str) -> None:
-        self.name = f"pd-{transport}-{flow}"
+    def __init__(self, name: str, transport: str, flow: str, niceness: tuple[int, int]) -> None:
+        self.name = name
         self.transport = transport
         self.flow = flow
+        self.niceness = niceness  # (prefill, decode): resources.niceness
 
     def start(self, model: Path, workdir: Path) -> str:
         port = free_port()
@@ -133,8 +137,10 @@ class PdServe(System):
                 {
                     "model": {"path": str(model), "served_name": SERVED},
                     "engine_args": {"max_model_len": 4096, "dtype": "float32"},
-                    "prefill": {"resources": {"cpus": 1, "cpu_kv_cache_gib": 2}},
-                    "decode": {"resources": {"cpus": 1, "cpu_kv_cache_gib": 2}},
+                    **{
+                        role: {"resources": {"cpus": 1, "cpu_kv_cache_gib": 2, "niceness": n}}
+                        for role, n in zip(("prefill", "decode"), self.niceness, strict=True)
+                    },
                     "transport": self.transport,
                     "proxy": {"port": port, "flow": self.flow},
                     "ray": {"dashboard_port": free_port()},
@@ -471,13 +477,20 @@ def _bucket_quantile_ms(before: dict[float, float], after: dict[float, float], q
 # --- report -------------------------------------------------------------------------------
 
 
+# name: (transport, flow, (prefill niceness, decode niceness))
 PD_SYSTEMS = {
-    "pd-nixl-first-token": ("nixl", "first-token"),
-    "pd-zmq-first-token": ("zmq", "first-token"),
-    "pd-nixl-sequential": ("nixl", "sequential"),
-    "pd-nixl-concurrent": ("nixl", "concurrent"),
+    "pd-nixl-first-token": ("nixl", "first-token", (0, 0)),
+    "pd-zmq-first-token": ("zmq", "first-token", (0, 0)),
+    "pd-nixl-sequential": ("nixl", "sequential", (0, 0)),
+    "pd-nixl-concurrent": ("nixl", "concurrent", (0, 0)),
 }
-ALL_SYSTEMS = ["colocated", *PD_SYSTEMS, "vllm-pd-stock", "vllm-pd-tuned"]
+# Not run by default: what the instances' CPU priority changes (Ray's worker default is 15).
+PD_PRIORITY_VARIANTS = {
+    "pd-nixl-sequential-nice15": ("nixl", "sequential", (15, 15)),
+    "pd-nixl-sequential-prefill-nice10": ("nixl", "sequential", (10, 0)),
+}
+DEFAULT_SYSTEMS = ["colocated", *PD_SYSTEMS, "vllm-pd-stock", "vllm-pd-tuned"]
+ALL_SYSTEMS = [*DEFAULT_SYSTEMS, *PD_PRIORITY_VARIANTS]
 
 
 def _order(system: str) -> int:
@@ -664,7 +677,7 @@ def chart(results: dict, path: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--systems", nargs="+", default=ALL_SYSTEMS, choices=ALL_SYSTEMS)
+    parser.add_argument("--systems", nargs="+", default=DEFAULT_SYSTEMS, choices=ALL_SYSTEMS)
     parser.add_argument("--workloads", nargs="+", default=[w.name for w in workloads()])
     parser.add_argument("--duration-s", type=float, default=30)
     parser.add_argument("--out-dir", type=Path, default=REPO / "bench" / "results")
@@ -681,8 +694,8 @@ def main() -> int:
     factories = {"colocated": Colocated,
                  "vllm-pd-stock": lambda: StockVllmPD(tuned=False),
                  "vllm-pd-tuned": lambda: StockVllmPD(tuned=True)}  # fmt: skip
-    for name, (transport, flow) in PD_SYSTEMS.items():
-        factories[name] = lambda transport=transport, flow=flow: PdServe(transport, flow)
+    for name, spec in {**PD_SYSTEMS, **PD_PRIORITY_VARIANTS}.items():
+        factories[name] = lambda name=name, spec=spec: PdServe(name, *spec)
     results: dict[str, dict[str, dict]] = {}
     overhead: dict[str, dict] = {}
     commands = []
