@@ -25,27 +25,39 @@ HARNESS = "harness (incl. the stock P/D proxy)"
 
 class CpuMeter:
     def __enter__(self) -> CpuMeter:
-        self._before = _cpu_by_process()
-        self._waits_before = _run_delay_by_process()
+        self._before = _snapshot()
         self._children = _children_cpu()
         self._started = time.monotonic()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        after = _cpu_by_process()
-        waits_after = _run_delay_by_process()
+        after = _snapshot()
         self.wall_s = time.monotonic() - self._started
-        groups: dict[str, float] = defaultdict(float)
-        for pid, (group, seconds) in after.items():
-            before = self._before.get(pid)
-            groups[group] += seconds - (before[1] if before and before[0] == group else 0.0)
-        groups[LOAD_GENERATOR] += _children_cpu() - self._children
-        self.seconds = {g: round(s, 2) for g, s in sorted(groups.items()) if s >= 0.05}
-        waits: dict[str, float] = defaultdict(float)
-        for pid, (group, seconds) in waits_after.items():
-            before = self._waits_before.get(pid)
-            waits[group] += seconds - (before[1] if before and before[0] == group else 0.0)
+        cpu = _growth_by_group(self._before, after, _CPU)
+        cpu[LOAD_GENERATOR] += _children_cpu() - self._children
+        self.seconds = {g: round(s, 2) for g, s in sorted(cpu.items()) if s >= 0.05}
+        waits = _growth_by_group(self._before, after, _WAITED)
         self.waited_s = {g: round(s, 3) for g, s in sorted(waits.items()) if s >= 0.001}
+
+
+# A process's counters in a snapshot: (group, CPU seconds, run-queue seconds or None).
+Sample = tuple[str, float, float | None]
+_CPU, _WAITED = 1, 2
+
+
+def _growth_by_group(
+    before: dict[int, Sample], after: dict[int, Sample], field: int
+) -> defaultdict[str, float]:
+    """How much counter ``field`` grew per group between two snapshots (a pid seen in
+    another group before, i.e. reused, counts from zero)."""
+    groups: defaultdict[str, float] = defaultdict(float)
+    for pid, sample in after.items():
+        if sample[field] is None:
+            continue
+        earlier = before.get(pid)
+        same = earlier is not None and earlier[0] == sample[0] and earlier[field] is not None
+        groups[sample[0]] += sample[field] - (earlier[field] if same else 0.0)
+    return groups
 
 
 def _children_cpu() -> float:
@@ -53,37 +65,30 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _cpu_by_process() -> dict[int, tuple[str, float]]:
+def _snapshot() -> dict[int, Sample]:
+    """Every live process: its group, CPU time (user + system) and the time its live
+    threads spent runnable but not running (None if they could not all be read)."""
     seen = {}
     me = os.getpid()
     for proc in psutil.process_iter(["pid", "name", "cmdline"]):
         try:
             group = HARNESS if proc.pid == me else _group(proc)
             times = proc.cpu_times()
-            seen[proc.pid] = (group, times.user + times.system)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
+        seen[proc.pid] = (group, times.user + times.system, _run_delay_s(proc.pid))
     return seen
 
 
-def _run_delay_by_process() -> dict[int, tuple[str, float]]:
-    """pid -> (group, seconds its live threads spent runnable but not running)."""
-    seen = {}
-    me = os.getpid()
-    for proc in psutil.process_iter(["pid", "name", "cmdline"]):
-        try:
-            group = HARNESS if proc.pid == me else _group(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-        waited_ns = 0
-        try:
-            for task in os.scandir(f"/proc/{proc.pid}/task"):
-                with open(f"{task.path}/schedstat") as f:
-                    waited_ns += int(f.read().split()[1])
-        except (OSError, ValueError, IndexError):
-            continue  # the process or one of its threads ended meanwhile
-        seen[proc.pid] = (group, waited_ns / 1e9)
-    return seen
+def _run_delay_s(pid: int) -> float | None:
+    waited_ns = 0
+    try:
+        for task in os.scandir(f"/proc/{pid}/task"):
+            with open(f"{task.path}/schedstat") as f:
+                waited_ns += int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None  # the process or one of its threads ended meanwhile
+    return waited_ns / 1e9
 
 
 def _group(proc: psutil.Process) -> str:
