@@ -955,12 +955,12 @@ async def request_deadline(serve: PdServe, http: httpx.AsyncClient, r: ScenarioR
     by the proxy with an error event at the deadline. Decode is throttled (stopped and
     continued in turns) so the stream is slow but never silent for long.
 
-    The pace is enforced where the events arrive: an event that puts the stream ahead
-    of a pace at which it could not finish before twice its deadline stops decode at
-    once, and decode is continued when the pace has caught up (or after
-    ``longest_silence_s``). Events are counted, not chunks: a client that reads late
-    gets many events in one chunk. A timer-driven duty cycle let fast or loaded
-    machines finish all 1900 tokens inside the deadline."""
+    The pace is one at which the stream could not finish before twice its deadline.
+    An event that puts the stream ahead of it stops decode at once; decode is continued
+    when the pace has caught up, or after ``longest_silence_s``, and a slice continued
+    while still ahead is stopped again by a timer too. Events are counted, not chunks:
+    a client that reads late gets many events in one chunk. A timer-driven duty cycle
+    let fast or loaded machines finish all 1900 tokens inside the deadline."""
     decode = serve.instances()["pd-decode-0"]
     bound = serve.request_s + PROXY_SLACK_S
     max_tokens = 1900
@@ -973,35 +973,41 @@ async def request_deadline(serve: PdServe, http: httpx.AsyncClient, r: ScenarioR
     def ahead_of_pace() -> bool:
         return started is not None and events > pace_tok_s * (time.monotonic() - started)
 
-    def on_event(seen: int) -> None:
-        nonlocal events, started, stopped_at, stops
-        events = seen
-        if started is None:
-            started = time.monotonic()
+    def hold() -> None:
+        nonlocal stopped_at, stops
         if stopped_at is None and ahead_of_pace():
             decode.stop()
             stopped_at = time.monotonic()
             stops += 1
 
-    async def resume_on_pace() -> None:
+    def on_event(seen: int) -> None:
+        nonlocal events, started
+        events = seen
+        if started is None:
+            started = time.monotonic()
+        hold()
+
+    async def keep_pace() -> None:
+        """Continue decode when the pace has caught up or it was silent too long; a
+        slice continued while still ahead is stopped again after one short sleep."""
         nonlocal stopped_at
         while True:
-            await asyncio.sleep(0.05)
-            if stopped_at is not None and (
-                not ahead_of_pace() or time.monotonic() - stopped_at >= longest_silence_s
-            ):
+            await asyncio.sleep(0.02)
+            if stopped_at is None:
+                hold()
+            elif not ahead_of_pace() or time.monotonic() - stopped_at >= longest_silence_s:
                 stopped_at = None
                 decode.resume()
 
     body = completion_body(100, max_tokens, stream=True)
     task = asyncio.create_task(send(http, serve.url, body, bound, on_event))
-    resumer = asyncio.create_task(resume_on_pace())
+    pacer = asyncio.create_task(keep_pace())
     try:
         outcome = await task  # send() gives up at the bound
     finally:
-        resumer.cancel()
+        pacer.cancel()
         with contextlib.suppress(asyncio.CancelledError):
-            await resumer
+            await pacer
         decode.resume()
     r.outcomes.append(outcome)
     r.notes.append(f"decode stopped {stops} times to hold {pace_tok_s:.0f} events/s")
