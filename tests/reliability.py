@@ -349,6 +349,11 @@ async def send(
     return outcome
 
 
+def sets(event: asyncio.Event) -> Callable[[int], None]:
+    """An ``on_event`` callback for send() that sets ``event`` (the stream has begun)."""
+    return lambda _events: event.set()
+
+
 async def _send(http, url, body, progress, on_event) -> Outcome:
     try:
         async with http.stream("POST", url, json=body) as response:
@@ -909,7 +914,7 @@ async def decode_stops_answering(serve: PdServe, http: httpx.AsyncClient, r: Sce
             serve.url,
             completion_body(200, 1500, stream=True),
             bound,
-            lambda _: first_event.set(),
+            sets(first_event),
         )
     )
     r.require("the stream starts", await asyncio.wait_for(first_event.wait(), 60))
@@ -1080,7 +1085,7 @@ async def decode_killed_mid_stream(serve: PdServe, http: httpx.AsyncClient, r: S
                 serve.url,
                 completion_body(300, 1500, stream=True, chat=i == 0),
                 bound,
-                started[i].set,
+                sets(started[i]),
             )
         )
         for i in range(4)
