@@ -39,6 +39,7 @@ BAD_CONFIGS = [
     ("model: {preset: tiny}\ndecode: {engine_args: {kv-transfer-config: x}}", "set by pd itself"),
     ("model: {preset: tiny}\nconnector: {lease_timeout_s: -1}", "connector.lease_timeout_s"),
     ("model: {preset: tiny}\ntimeouts: {startup_s: 0}", "timeouts.startup_s"),
+    ("model: {preset: tiny}\ntimeouts: {health_misses: 0}", "timeouts.health_misses"),
     ("model: {preset: tiny}\nprefill: {resources: {gpus: -1}}", "prefill.resources.gpus"),
     ("model: {preset: tiny}\ndecode: {resources: {niceness: 20}}", "decode.resources.niceness"),
     (

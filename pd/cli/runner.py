@@ -77,6 +77,7 @@ async def _serve(cluster: Cluster, plan: ClusterPlan) -> int:
             http,
             source=RayInstanceSource(cluster),
             health_interval_s=config.timeouts.health_interval_s,
+            health_misses=config.timeouts.health_misses,
         )
         for handle in cluster.handles:
             pool.instances[handle.plan.name].url = (await handle.actor.info.remote()).url

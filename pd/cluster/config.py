@@ -147,6 +147,10 @@ class Timeouts(_Strict):
     """Shutdown: how long in-flight requests may finish."""
     health_interval_s: Annotated[float, Field(gt=0)] = 2
     """Proxy: how often every instance's /health is checked."""
+    health_misses: Annotated[int, Field(ge=1)] = 2
+    """Proxy: health checks in a row an instance may leave unanswered (connected, but
+    no answer within 2 s: stopped, or starved of CPU) before it leaves the rotation.
+    One that refuses connections or answers with an error leaves at once."""
 
 
 class RaySpec(_Strict):

@@ -1,9 +1,12 @@
 """The proxy's view of the cluster's instances: where they are, whether they answer.
 
 A health loop asks every instance's ``/health`` each interval. An instance that
-stops answering leaves the rotation at once; the loop then asks the instance's
-source (its Ray actor) where it is now, since a restarted actor serves on a new
-port, and puts it back when it answers again.
+refuses the connection or answers with an error leaves the rotation at once; one
+that accepts the connection but does not answer in time (stopped, or starved of CPU
+under load) leaves after ``health_misses`` such checks in a row, so that one slow
+answer under overload does not take the only decode instance away. The loop then
+asks the instance's source (its Ray actor) where it is now, since a restarted actor
+serves on a new port, and puts it back when it answers again.
 """
 
 from __future__ import annotations
@@ -17,6 +20,10 @@ import httpx
 
 logger = logging.getLogger(__name__)
 
+# Health probe outcomes besides an error's description.
+_OK = "ok"
+_SLOW = "no answer in time"
+
 
 @dataclass
 class Instance:
@@ -26,6 +33,7 @@ class Instance:
     healthy: bool = False
     inflight_requests: int = 0
     outstanding_prompt_tokens: int = 0
+    slow_checks: int = 0  # health checks in a row that timed out
 
 
 class InstanceSource(Protocol):
@@ -41,12 +49,16 @@ class InstancePool:
         source: InstanceSource | None = None,
         health_interval_s: float = 2.0,
         health_timeout_s: float = 2.0,
+        health_misses: int = 2,
     ) -> None:
+        if health_misses < 1:
+            raise ValueError(f"health_misses must be at least 1, not {health_misses}")
         self.instances = {i.name: i for i in instances}
         self._http = http
         self._source = source
         self._interval_s = health_interval_s
         self._timeout_s = health_timeout_s
+        self._misses = health_misses
 
     def healthy(self, role: str) -> list[Instance]:
         return [i for i in self.instances.values() if i.role == role and i.healthy and i.url]
@@ -69,12 +81,20 @@ class InstancePool:
             await asyncio.sleep(self._interval_s)
 
     async def _check(self, instance: Instance) -> None:
-        if instance.url and await self._answers(instance.url):
+        answer = await self._probe(instance.url) if instance.url else "no address"
+        if answer == _OK:
+            instance.slow_checks = 0
             if not instance.healthy:
                 logger.info("%s in rotation at %s", instance.name, instance.url)
             instance.healthy = True
             return
-        self.mark_unhealthy(instance, "health check failed")
+        if answer == _SLOW:
+            instance.slow_checks += 1
+            if instance.healthy and instance.slow_checks < self._misses:
+                logger.info("%s: health check timed out (%d of %d in a row)",
+                            instance.name, instance.slow_checks, self._misses)  # fmt: skip
+                return
+        self.mark_unhealthy(instance, f"health check failed: {answer}")
         if self._source is not None:
             try:
                 url = await asyncio.wait_for(self._source.locate(instance.name), self._timeout_s)
@@ -82,13 +102,17 @@ class InstancePool:
                 return
             if url and url != instance.url:
                 instance.url = url
-                if await self._answers(url):
+                if await self._probe(url) == _OK:
                     instance.healthy = True
+                    instance.slow_checks = 0
                     logger.info("%s in rotation at %s", instance.name, url)
 
-    async def _answers(self, url: str) -> bool:
+    async def _probe(self, url: str) -> str:
+        """``_OK``, ``_SLOW`` (connected, no answer in time), or what went wrong."""
         try:
             response = await self._http.get(f"{url}/health", timeout=self._timeout_s)
-        except httpx.HTTPError:
-            return False
-        return response.status_code == 200
+        except httpx.TimeoutException:
+            return _SLOW
+        except httpx.HTTPError as e:
+            return repr(e)
+        return _OK if response.status_code == 200 else f"answered {response.status_code}"

@@ -1,0 +1,152 @@
+"""The proxy's health loop (pd.proxy.instances) against real sockets on loopback.
+
+Three kinds of instance: one that answers /health, one that accepts connections but
+never answers (a stopped or CPU-starved process), and a port where nothing listens.
+A refused connection takes an instance out of rotation at once; silence only after
+``health_misses`` checks in a row, and an answer in between starts the count afresh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+import pytest
+
+from pd.proxy.instances import Instance, InstancePool
+
+TIMEOUT_S = 0.2
+
+
+class HealthServer:
+    """A /health endpoint on loopback that answers 200, or accepts and stays silent."""
+
+    def __init__(self) -> None:
+        self.silent = False
+        self._server: asyncio.Server | None = None
+        self._held: list[asyncio.StreamWriter] = []
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return f"http://{host}:{port}"
+
+    async def start(self) -> HealthServer:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    async def close(self) -> None:
+        for writer in self._held:
+            writer.close()
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while not reader.at_eof():
+            try:
+                request = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:
+                return  # the client closed the connection
+            if self.silent:
+                self._held.append(writer)  # connected, never answered
+                return
+            assert request.startswith(b"GET /health ")
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+            await writer.drain()
+
+
+def closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"  # closed again when we return
+
+
+@asynccontextmanager
+async def pool_of(instance: Instance, misses: int) -> AsyncIterator[InstancePool]:
+    async with httpx.AsyncClient() as http:
+        yield InstancePool([instance], http, health_timeout_s=TIMEOUT_S, health_misses=misses)
+
+
+def test_silent_instance_leaves_after_the_allowed_misses():
+    async def go() -> list[bool]:
+        server = await HealthServer().start()
+        inst = Instance("pd-decode-0", "decode", server.url)
+        seen = []
+        try:
+            async with pool_of(inst, misses=3) as pool:
+                await pool.check_all()
+                seen.append(inst.healthy)
+                server.silent = True
+                for _ in range(3):
+                    await pool.check_all()
+                    seen.append(inst.healthy)
+        finally:
+            await server.close()
+        return seen
+
+    assert asyncio.run(go()) == [True, True, True, False]
+
+
+def test_an_answer_between_slow_checks_starts_the_count_afresh():
+    async def go() -> list[bool]:
+        server = await HealthServer().start()
+        inst = Instance("pd-decode-0", "decode", server.url)
+        seen = []
+        try:
+            async with pool_of(inst, misses=2) as pool:
+                for silent in (False, True, False, True, True):
+                    server.silent = silent
+                    await pool.check_all()
+                    seen.append(inst.healthy)
+        finally:
+            await server.close()
+        return seen
+
+    assert asyncio.run(go()) == [True, True, True, True, False]
+
+
+def test_refused_connection_leaves_at_once_and_an_answer_brings_it_back():
+    async def go() -> list[bool]:
+        server = await HealthServer().start()
+        inst = Instance("pd-prefill-0", "prefill", server.url)
+        seen = []
+        try:
+            async with pool_of(inst, misses=5) as pool:
+                await pool.check_all()
+                seen.append(inst.healthy)
+                inst.url = closed_port_url()
+                await pool.check_all()
+                seen.append(inst.healthy)
+                inst.url = server.url
+                await pool.check_all()
+                seen.append(inst.healthy)
+        finally:
+            await server.close()
+        return seen
+
+    assert asyncio.run(go()) == [True, False, True]
+
+
+def test_a_silent_instance_never_enters_rotation():
+    async def go() -> bool:
+        server = await HealthServer().start()
+        server.silent = True
+        inst = Instance("pd-decode-0", "decode", server.url)
+        try:
+            async with pool_of(inst, misses=3) as pool:
+                await pool.check_all()
+        finally:
+            await server.close()
+        return inst.healthy
+
+    assert asyncio.run(go()) is False
+
+
+def test_health_misses_must_be_positive():
+    with pytest.raises(ValueError, match="health_misses"):
+        InstancePool([], httpx.AsyncClient(), health_misses=0)
