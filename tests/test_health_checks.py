@@ -150,3 +150,64 @@ def test_a_silent_instance_never_enters_rotation():
 def test_health_misses_must_be_positive():
     with pytest.raises(ValueError, match="health_misses"):
         InstancePool([], httpx.AsyncClient(), health_misses=0)
+
+
+def test_suspected_instance_that_answers_stays_in_rotation():
+    async def go() -> list[bool]:
+        server = await HealthServer().start()
+        inst = Instance("pd-prefill-0", "prefill", server.url)
+        seen = []
+        try:
+            async with pool_of(inst, misses=2) as pool:
+                await pool.check_all()
+                pool.suspect(inst, "prefill failed: ReadError('')")
+                seen.append(inst.healthy)  # not taken out on the request's word
+                await asyncio.sleep(0.1)  # the suspicion's check has answered
+                seen.append(inst.healthy)
+        finally:
+            await server.close()
+        return seen
+
+    assert asyncio.run(go()) == [True, True]
+
+
+def test_suspected_instance_that_refuses_leaves_at_once():
+    async def go() -> list[bool]:
+        server = await HealthServer().start()
+        inst = Instance("pd-decode-0", "decode", server.url)
+        seen = []
+        try:
+            async with pool_of(inst, misses=5) as pool:
+                await pool.check_all()
+                seen.append(inst.healthy)
+                inst.url = closed_port_url()  # the crashed server's port
+                pool.suspect(inst, "stream broke")
+                await asyncio.sleep(0)  # the check runs in the background
+                for _ in range(100):
+                    if not inst.healthy:
+                        break
+                    await asyncio.sleep(0.01)
+                seen.append(inst.healthy)
+        finally:
+            await server.close()
+        return seen
+
+    assert asyncio.run(go()) == [True, False]
+
+
+def test_a_suspicion_during_a_check_shares_it():
+    async def go() -> int:
+        server = await HealthServer().start()
+        server.silent = True
+        inst = Instance("pd-decode-0", "decode", server.url, healthy=True)
+        try:
+            async with pool_of(inst, misses=3) as pool:
+                round_ = asyncio.ensure_future(pool.check_all())
+                await asyncio.sleep(0.05)  # the round's check is waiting for an answer
+                pool.suspect(inst, "decode failed")
+                await round_
+        finally:
+            await server.close()
+        return inst.slow_checks
+
+    assert asyncio.run(go()) == 1  # one slow answer, counted once

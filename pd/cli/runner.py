@@ -17,6 +17,8 @@ from pd.proxy.app import ProxySettings, create_app
 from pd.proxy.instances import Instance, InstancePool
 from pd.proxy.routing import make_policy
 
+_KEEPALIVE_EXPIRY_S = 2.0  # below vLLM's HTTP keep-alive (see _serve)
+
 logger = logging.getLogger("pd.serve")
 
 
@@ -70,7 +72,14 @@ def run_cluster(plan: ClusterPlan) -> int:
 
 async def _serve(cluster: Cluster, plan: ClusterPlan) -> int:
     config = plan.config
-    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200)
+    # Idle connections are dropped before vLLM's server drops them (its keep-alive is
+    # VLLM_HTTP_TIMEOUT_KEEP_ALIVE, 5 s by default): reusing one the server is closing
+    # breaks the request sent on it.
+    limits = httpx.Limits(
+        max_connections=1000,
+        max_keepalive_connections=200,
+        keepalive_expiry=_KEEPALIVE_EXPIRY_S,
+    )
     async with httpx.AsyncClient(limits=limits, timeout=None) as http:
         pool = InstancePool(
             [Instance(h.plan.name, h.plan.role) for h in cluster.handles],

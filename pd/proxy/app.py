@@ -123,7 +123,7 @@ def create_app(
                 if response.status_code == 200:
                     return JSONResponse(response.json())
             except httpx.HTTPError:
-                pool.mark_unhealthy(inst, "/v1/models failed")
+                pool.suspect(inst, "/v1/models failed")
         raise ProxyError(503, "no decode instance is available")
 
     @app.post("/v1/completions")

@@ -123,7 +123,7 @@ class Flow(ABC):
                 f"{inst.url}/v1/{leg.endpoint}", json=body, timeout=self._timeout
             )
         except httpx.HTTPError as e:
-            self._pool.mark_unhealthy(inst, f"prefill failed: {e!r}")
+            self._pool.suspect(inst, f"prefill failed: {e!r}")
             self._metrics.fallbacks.inc()
             logger.warning("prefill on %s failed (%r); decode prefills itself", inst.name, e)
             return None
@@ -154,7 +154,7 @@ class Flow(ABC):
                 self._http.post(f"{inst.url}/v1/{leg.endpoint}", json=body, timeout=self._timeout),
             )
         except httpx.HTTPError as e:
-            self._pool.mark_unhealthy(inst, f"decode failed: {e!r}")
+            self._pool.suspect(inst, f"decode failed: {e!r}")
             raise ProxyError(503, f"decode instance {inst.name} failed: {e!r}") from e
         finally:
             inst.inflight_requests -= 1
@@ -169,7 +169,7 @@ class Flow(ABC):
         try:
             return await self._http.send(upstream_request, stream=True)
         except httpx.HTTPError as e:
-            self._pool.mark_unhealthy(inst, f"decode failed: {e!r}")
+            self._pool.suspect(inst, f"decode failed: {e!r}")
             raise ProxyError(503, f"decode instance {inst.name} failed: {e!r}") from e
 
     async def _decode_stream(self, leg: Leg, body: dict[str, Any]) -> Response:
@@ -198,7 +198,7 @@ class Flow(ABC):
                 yield chunk
         except httpx.HTTPError as e:
             status = 502
-            self._pool.mark_unhealthy(leg.decode, f"stream broke: {e!r}")
+            self._pool.suspect(leg.decode, f"stream broke: {e!r}")
             yield error_event(502, f"decode instance {leg.decode.name} failed mid-stream")
         except ProxyError as e:
             status = e.status
@@ -327,7 +327,7 @@ class ConcurrentFlow(SequentialFlow):
             committed = True
             return self._stream_response(leg, upstream_chunks(upstream, chunk, chunks))
         except httpx.HTTPError as e:
-            self._pool.mark_unhealthy(leg.decode, f"decode failed: {e!r}")
+            self._pool.suspect(leg.decode, f"decode failed: {e!r}")
             raise ProxyError(503, f"decode instance {leg.decode.name} failed: {e!r}") from e
         finally:
             if not committed:

@@ -7,6 +7,13 @@ under load) leaves after ``health_misses`` such checks in a row, so that one slo
 answer under overload does not take the only decode instance away. The loop then
 asks the instance's source (its Ray actor) where it is now, since a restarted actor
 serves on a new port, and puts it back when it answers again.
+
+A request that fails on an instance makes the pool check that instance at once
+(``suspect``) instead of taking it out: one broken connection (a reset under load, a
+keep-alive connection the server closed as it was reused) is no proof that the
+instance is gone, and ejecting the only prefill instance for it turned every
+request of the next seconds into a 503. A crashed instance refuses the check's
+connection and leaves within milliseconds.
 """
 
 from __future__ import annotations
@@ -59,6 +66,7 @@ class InstancePool:
         self._interval_s = health_interval_s
         self._timeout_s = health_timeout_s
         self._misses = health_misses
+        self._checks: dict[str, asyncio.Future] = {}  # at most one check per instance
 
     def healthy(self, role: str) -> list[Instance]:
         return [i for i in self.instances.values() if i.role == role and i.healthy and i.url]
@@ -71,8 +79,22 @@ class InstancePool:
             logger.warning("%s out of rotation: %s", instance.name, reason)
         instance.healthy = False
 
+    def suspect(self, instance: Instance, reason: str) -> None:
+        """A request to ``instance`` failed: check its health now, not at the next round."""
+        logger.info("%s: %s; checking its health now", instance.name, reason)
+        self._check_once(instance)
+
     async def check_all(self) -> None:
-        await asyncio.gather(*(self._check(i) for i in self.instances.values()))
+        await asyncio.gather(*(self._check_once(i) for i in self.instances.values()))
+
+    def _check_once(self, instance: Instance) -> asyncio.Future:
+        """The check of ``instance`` in flight, or a new one (checks never overlap, so
+        a suspicion and the loop's round count one slow answer once)."""
+        check = self._checks.get(instance.name)
+        if check is None or check.done():
+            check = asyncio.ensure_future(self._check(instance))
+            self._checks[instance.name] = check
+        return check
 
     async def run(self) -> None:
         """Check forever, every interval. Cancel to stop."""
