@@ -12,6 +12,7 @@ import asyncio
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 import httpx
 import pytest
@@ -66,27 +67,37 @@ def closed_port_url() -> str:
         return f"http://127.0.0.1:{s.getsockname()[1]}"  # closed again when we return
 
 
+@dataclass
+class Watched:
+    """One instance served by ``server``, in a pool that checks it."""
+
+    server: HealthServer
+    inst: Instance
+    pool: InstancePool
+
+
 @asynccontextmanager
-async def pool_of(instance: Instance, misses: int) -> AsyncIterator[InstancePool]:
-    async with httpx.AsyncClient() as http:
-        yield InstancePool([instance], http, health_timeout_s=TIMEOUT_S, health_misses=misses)
+async def watched(misses: int, silent: bool = False) -> AsyncIterator[Watched]:
+    server = await HealthServer().start()
+    server.silent = silent
+    try:
+        async with httpx.AsyncClient() as http:
+            inst = Instance("pd-decode-0", "decode", server.url)
+            pool = InstancePool([inst], http, health_timeout_s=TIMEOUT_S, health_misses=misses)
+            yield Watched(server, inst, pool)
+    finally:
+        await server.close()
 
 
 def test_silent_instance_leaves_after_the_allowed_misses():
     async def go() -> list[bool]:
-        server = await HealthServer().start()
-        inst = Instance("pd-decode-0", "decode", server.url)
-        seen = []
-        try:
-            async with pool_of(inst, misses=3) as pool:
-                await pool.check_all()
-                seen.append(inst.healthy)
-                server.silent = True
-                for _ in range(3):
-                    await pool.check_all()
-                    seen.append(inst.healthy)
-        finally:
-            await server.close()
+        async with watched(misses=3) as w:
+            await w.pool.check_all()
+            seen = [w.inst.healthy]
+            w.server.silent = True
+            for _ in range(3):
+                await w.pool.check_all()
+                seen.append(w.inst.healthy)
         return seen
 
     assert asyncio.run(go()) == [True, True, True, False]
@@ -94,17 +105,12 @@ def test_silent_instance_leaves_after_the_allowed_misses():
 
 def test_an_answer_between_slow_checks_starts_the_count_afresh():
     async def go() -> list[bool]:
-        server = await HealthServer().start()
-        inst = Instance("pd-decode-0", "decode", server.url)
         seen = []
-        try:
-            async with pool_of(inst, misses=2) as pool:
-                for silent in (False, True, False, True, True):
-                    server.silent = silent
-                    await pool.check_all()
-                    seen.append(inst.healthy)
-        finally:
-            await server.close()
+        async with watched(misses=2) as w:
+            for silent in (False, True, False, True, True):
+                w.server.silent = silent
+                await w.pool.check_all()
+                seen.append(w.inst.healthy)
         return seen
 
     assert asyncio.run(go()) == [True, True, True, True, False]
@@ -112,21 +118,15 @@ def test_an_answer_between_slow_checks_starts_the_count_afresh():
 
 def test_refused_connection_leaves_at_once_and_an_answer_brings_it_back():
     async def go() -> list[bool]:
-        server = await HealthServer().start()
-        inst = Instance("pd-prefill-0", "prefill", server.url)
-        seen = []
-        try:
-            async with pool_of(inst, misses=5) as pool:
-                await pool.check_all()
-                seen.append(inst.healthy)
-                inst.url = closed_port_url()
-                await pool.check_all()
-                seen.append(inst.healthy)
-                inst.url = server.url
-                await pool.check_all()
-                seen.append(inst.healthy)
-        finally:
-            await server.close()
+        async with watched(misses=5) as w:
+            await w.pool.check_all()
+            seen = [w.inst.healthy]
+            w.inst.url = closed_port_url()
+            await w.pool.check_all()
+            seen.append(w.inst.healthy)
+            w.inst.url = w.server.url
+            await w.pool.check_all()
+            seen.append(w.inst.healthy)
         return seen
 
     assert asyncio.run(go()) == [True, False, True]
@@ -134,15 +134,9 @@ def test_refused_connection_leaves_at_once_and_an_answer_brings_it_back():
 
 def test_a_silent_instance_never_enters_rotation():
     async def go() -> bool:
-        server = await HealthServer().start()
-        server.silent = True
-        inst = Instance("pd-decode-0", "decode", server.url)
-        try:
-            async with pool_of(inst, misses=3) as pool:
-                await pool.check_all()
-        finally:
-            await server.close()
-        return inst.healthy
+        async with watched(misses=3, silent=True) as w:
+            await w.pool.check_all()
+        return w.inst.healthy
 
     assert asyncio.run(go()) is False
 
@@ -154,18 +148,12 @@ def test_health_misses_must_be_positive():
 
 def test_suspected_instance_that_answers_stays_in_rotation():
     async def go() -> list[bool]:
-        server = await HealthServer().start()
-        inst = Instance("pd-prefill-0", "prefill", server.url)
-        seen = []
-        try:
-            async with pool_of(inst, misses=2) as pool:
-                await pool.check_all()
-                pool.suspect(inst, "prefill failed: ReadError('')")
-                seen.append(inst.healthy)  # not taken out on the request's word
-                await asyncio.sleep(0.1)  # the suspicion's check has answered
-                seen.append(inst.healthy)
-        finally:
-            await server.close()
+        async with watched(misses=2) as w:
+            await w.pool.check_all()
+            w.pool.suspect(w.inst, "prefill failed: ReadError('')")
+            seen = [w.inst.healthy]  # not taken out on the request's word
+            await asyncio.sleep(0.1)  # the suspicion's check has answered
+            seen.append(w.inst.healthy)
         return seen
 
     assert asyncio.run(go()) == [True, True]
@@ -173,23 +161,16 @@ def test_suspected_instance_that_answers_stays_in_rotation():
 
 def test_suspected_instance_that_refuses_leaves_at_once():
     async def go() -> list[bool]:
-        server = await HealthServer().start()
-        inst = Instance("pd-decode-0", "decode", server.url)
-        seen = []
-        try:
-            async with pool_of(inst, misses=5) as pool:
-                await pool.check_all()
-                seen.append(inst.healthy)
-                inst.url = closed_port_url()  # the crashed server's port
-                pool.suspect(inst, "stream broke")
-                await asyncio.sleep(0)  # the check runs in the background
-                for _ in range(100):
-                    if not inst.healthy:
-                        break
-                    await asyncio.sleep(0.01)
-                seen.append(inst.healthy)
-        finally:
-            await server.close()
+        async with watched(misses=5) as w:
+            await w.pool.check_all()
+            seen = [w.inst.healthy]
+            w.inst.url = closed_port_url()  # the crashed server's port
+            w.pool.suspect(w.inst, "stream broke")
+            for _ in range(100):  # the check runs in the background
+                await asyncio.sleep(0.01)
+                if not w.inst.healthy:
+                    break
+            seen.append(w.inst.healthy)
         return seen
 
     assert asyncio.run(go()) == [True, False]
@@ -197,17 +178,12 @@ def test_suspected_instance_that_refuses_leaves_at_once():
 
 def test_a_suspicion_during_a_check_shares_it():
     async def go() -> int:
-        server = await HealthServer().start()
-        server.silent = True
-        inst = Instance("pd-decode-0", "decode", server.url, healthy=True)
-        try:
-            async with pool_of(inst, misses=3) as pool:
-                round_ = asyncio.ensure_future(pool.check_all())
-                await asyncio.sleep(0.05)  # the round's check is waiting for an answer
-                pool.suspect(inst, "decode failed")
-                await round_
-        finally:
-            await server.close()
-        return inst.slow_checks
+        async with watched(misses=3, silent=True) as w:
+            w.inst.healthy = True
+            round_ = asyncio.ensure_future(w.pool.check_all())
+            await asyncio.sleep(0.05)  # the round's check is waiting for an answer
+            w.pool.suspect(w.inst, "decode failed")
+            await round_
+        return w.inst.slow_checks
 
     assert asyncio.run(go()) == 1  # one slow answer, counted once
