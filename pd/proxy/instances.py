@@ -105,10 +105,7 @@ class InstancePool:
     async def _check(self, instance: Instance) -> None:
         answer = await self._probe(instance.url) if instance.url else "no address"
         if answer == _OK:
-            instance.slow_checks = 0
-            if not instance.healthy:
-                logger.info("%s in rotation at %s", instance.name, instance.url)
-            instance.healthy = True
+            self._admit(instance)
             return
         if answer == _SLOW:
             instance.slow_checks += 1
@@ -125,9 +122,15 @@ class InstancePool:
             if url and url != instance.url:
                 instance.url = url
                 if await self._probe(url) == _OK:
-                    instance.healthy = True
-                    instance.slow_checks = 0
-                    logger.info("%s in rotation at %s", instance.name, url)
+                    self._admit(instance)
+
+    @staticmethod
+    def _admit(instance: Instance) -> None:
+        """``instance`` answered its check: in rotation, its count of slow checks reset."""
+        instance.slow_checks = 0
+        if not instance.healthy:
+            logger.info("%s in rotation at %s", instance.name, instance.url)
+        instance.healthy = True
 
     async def _probe(self, url: str) -> str:
         """``_OK``, ``_SLOW`` (connected, no answer in time), or what went wrong."""
