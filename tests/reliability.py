@@ -710,7 +710,9 @@ async def warm_up(serve: PdServe) -> int:
 
 async def prefill_stops_answering(serve: PdServe, http: httpx.AsyncClient, r: ScenarioResult):
     """Prefill's vLLM stops answering (SIGSTOP) with requests in flight, for longer
-    than the request deadline; then it recovers (SIGCONT)."""
+    than the request deadline; then it recovers (SIGCONT). The requests in their
+    prefill leg give it up when health checks take prefill out of rotation, and decode
+    prefills them itself: they complete, long before the deadline."""
     prefill = serve.instances()["pd-prefill-0"]
     since = serve.log_size()
     deadline_s = serve.request_s + ENGINE_SLACK_S
@@ -751,6 +753,12 @@ async def prefill_stops_answering(serve: PdServe, http: httpx.AsyncClient, r: Sc
         f"in-flight requests complete or fail clearly within request_s + {ENGINE_SLACK_S} s",
         all(o.kind in ("completed", "error") for o in outcomes),
         ", ".join(f"{o.kind}/{o.status}/{o.elapsed_s:.1f}s" for o in outcomes),
+    )
+    r.check(
+        "in-flight requests fall back to decode when prefill leaves rotation "
+        "(each completes before the request deadline)",
+        all(o.kind == "completed" and o.elapsed_s < serve.request_s for o in outcomes),
+        f"latest ended {max(o.elapsed_s for o in outcomes):.1f}s after it was sent",
     )
     check_not_blamed(serve, r, "pd-decode-0", since)
     took = await wait_role_count(

@@ -4,6 +4,7 @@ Three kinds of instance: one that answers /health, one that accepts connections 
 never answers (a stopped or CPU-starved process), and a port where nothing listens.
 A refused connection takes an instance out of rotation at once; silence only after
 ``health_misses`` checks in a row, and an answer in between starts the count afresh.
+A call waiting on an instance gives up when the instance leaves rotation.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
+from pd.proxy.flow import LeftRotation, unless_left
 from pd.proxy.instances import Instance, InstancePool
 
 TIMEOUT_S = 0.2
@@ -74,6 +76,7 @@ class Watched:
     server: HealthServer
     inst: Instance
     pool: InstancePool
+    http: httpx.AsyncClient
 
 
 @asynccontextmanager
@@ -84,7 +87,7 @@ async def watched(misses: int, silent: bool = False) -> AsyncIterator[Watched]:
         async with httpx.AsyncClient() as http:
             inst = Instance("pd-decode-0", "decode", server.url)
             pool = InstancePool([inst], http, health_timeout_s=TIMEOUT_S, health_misses=misses)
-            yield Watched(server, inst, pool)
+            yield Watched(server, inst, pool, http)
     finally:
         await server.close()
 
@@ -187,3 +190,37 @@ def test_a_suspicion_during_a_check_shares_it():
         return w.inst.slow_checks
 
     assert asyncio.run(go()) == 1  # one slow answer, counted once
+
+
+def test_a_call_waiting_on_an_instance_gives_up_when_it_leaves_rotation():
+    async def go() -> tuple[str, bool]:
+        async with watched(misses=1) as w:
+            await w.pool.check_all()
+            w.server.silent = True  # stopped: the call below waits forever
+            call = asyncio.ensure_future(
+                unless_left(w.inst, w.http.get(f"{w.inst.url}/health", timeout=30))
+            )
+            await asyncio.sleep(0.05)
+            waiting = not call.done()
+            await w.pool.check_all()  # the silent check takes it out of rotation
+            try:
+                await asyncio.wait_for(call, 1)
+            except LeftRotation as e:
+                return str(e), waiting
+        return "the call ended by itself", waiting
+
+    assert asyncio.run(go()) == ("pd-decode-0", True)
+
+
+def test_an_instance_back_in_rotation_keeps_new_calls():
+    async def go() -> tuple[bool, int]:
+        async with watched(misses=5) as w:
+            await w.pool.check_all()
+            w.inst.url = closed_port_url()
+            await w.pool.check_all()  # out
+            w.inst.url = w.server.url
+            await w.pool.check_all()  # back, with a fresh event
+            answer = await unless_left(w.inst, w.http.get(f"{w.inst.url}/health"))
+        return w.inst.healthy, answer.status_code
+
+    assert asyncio.run(go()) == (True, 200)

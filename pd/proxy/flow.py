@@ -19,7 +19,8 @@ locate the prompt's KV, loads it and generates. Three flows implement it:
     continues from it.
 
 All: a request the prefill instance rejects (4xx) is answered with its error; if
-the prefill leg fails, decode prefills the prompt itself; a client that disconnects
+the prefill leg fails, or its instance leaves rotation (health checks found it
+stopped) while the leg waits, decode prefills the prompt itself; a client that disconnects
 closes the upstream connections, which makes vLLM abort the request on both sides.
 """
 
@@ -33,7 +34,7 @@ import uuid
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 from fastapi import Request
@@ -44,6 +45,7 @@ from pd.proxy.instances import Instance, InstancePool
 from pd.proxy.metrics import ProxyMetrics
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Fields the prefill leg must not carry: it generates exactly one token, unstreamed.
 _PREFILL_DROPPED = ("stream_options", "min_tokens", "max_completion_tokens")
@@ -118,10 +120,14 @@ class Flow(ABC):
         inst.inflight_requests += 1
         inst.outstanding_prompt_tokens += leg.prompt_tokens
         sent = time.monotonic()
+        post = self._http.post(f"{inst.url}/v1/{leg.endpoint}", json=body, timeout=self._timeout)
         try:
-            response = await self._http.post(
-                f"{inst.url}/v1/{leg.endpoint}", json=body, timeout=self._timeout
-            )
+            response = await unless_left(inst, post)
+        except LeftRotation:
+            self._metrics.fallbacks.inc()
+            logger.warning("prefill on %s abandoned: it left rotation; decode prefills itself",
+                           inst.name)  # fmt: skip
+            return None
         except httpx.HTTPError as e:
             self._pool.suspect(inst, f"prefill failed: {e!r}")
             self._metrics.fallbacks.inc()
@@ -352,6 +358,26 @@ async def _until(deadline: float, chunks: AsyncIterator[bytes]) -> AsyncIterator
         except StopAsyncIteration:
             return
         yield chunk
+
+
+class LeftRotation(Exception):
+    """The instance a call waited on left rotation before the call ended."""
+
+
+async def unless_left(inst: Instance, call: Awaitable[T]) -> T:
+    """``call``'s result, or LeftRotation once ``inst`` leaves rotation (the call is
+    cancelled, which closes its connection: vLLM aborts the request when it can)."""
+    task = asyncio.ensure_future(call)
+    left = asyncio.ensure_future(inst.left.wait())
+    try:
+        done, _ = await asyncio.wait((task, left), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        left.cancel()
+        if not task.done():
+            task.cancel()
+    if task not in done:
+        raise LeftRotation(inst.name)
+    return task.result()
 
 
 async def _error_answer(upstream: httpx.Response) -> Response:

@@ -14,13 +14,17 @@ keep-alive connection the server closed as it was reused) is no proof that the
 instance is gone, and ejecting the only prefill instance for it turned every
 request of the next seconds into a 503. A crashed instance refuses the check's
 connection and leaves within milliseconds.
+
+An instance leaving the rotation sets its ``left`` event: requests waiting on it
+(a prefill leg on a stopped instance) give up then and fall back, instead of waiting
+out the request deadline on an instance declared gone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import httpx
@@ -41,6 +45,9 @@ class Instance:
     inflight_requests: int = 0
     outstanding_prompt_tokens: int = 0
     slow_checks: int = 0  # health checks in a row that timed out
+    # Set when the instance leaves rotation; a fresh one each time it comes back, so
+    # a request holds the event of the time in rotation it was sent in.
+    left: asyncio.Event = field(default_factory=asyncio.Event, repr=False, compare=False)
 
 
 class InstanceSource(Protocol):
@@ -78,6 +85,7 @@ class InstancePool:
         if instance.healthy:
             logger.warning("%s out of rotation: %s", instance.name, reason)
         instance.healthy = False
+        instance.left.set()
 
     def suspect(self, instance: Instance, reason: str) -> None:
         """A request to ``instance`` failed: check its health now, not at the next round."""
@@ -130,6 +138,8 @@ class InstancePool:
         instance.slow_checks = 0
         if not instance.healthy:
             logger.info("%s in rotation at %s", instance.name, instance.url)
+            if instance.left.is_set():
+                instance.left = asyncio.Event()
         instance.healthy = True
 
     async def _probe(self, url: str) -> str:
