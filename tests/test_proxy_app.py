@@ -71,6 +71,15 @@ def test_health_and_metrics_stay_open():
     assert call(app, "GET", "/metrics").status_code == 200
 
 
+def test_health_with_decode_alone_is_degraded_but_serving():
+    app = make_app()
+    for inst in app.state.pool.instances.values():
+        inst.healthy = inst.role == "decode"
+    health = call(app, "GET", "/health")
+    assert health.status_code == 200
+    assert health.json() == {"status": "degraded", "prefill": 0, "decode": 1}
+
+
 def test_no_key_configured_means_open():
     app = make_app()
     assert_openai_error(call(app, "POST", "/v1/completions", json=BODY), 503)

@@ -58,9 +58,10 @@ class PdServe:
             if self.proc.poll() is not None:
                 pytest.fail(f"pd-serve exited {self.proc.returncode}:\n{self.log()}")
             try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                # "ok": both roles in rotation ("degraded" serves on decode alone).
+                if httpx.get(f"{self.url}/health", timeout=2).json().get("status") == "ok":
                     return self
-            except httpx.HTTPError:
+            except (httpx.HTTPError, ValueError):
                 pass
             time.sleep(2)
         pytest.fail(f"pd-serve not ready in {timeout_s}s:\n{self.log()}")

@@ -108,8 +108,12 @@ def create_app(
     @app.get("/health")
     async def health() -> JSONResponse:
         counts = {role: len(pool.healthy(role)) for role in ("prefill", "decode")}
-        status = 200 if pool.ready() else 503
-        return JSONResponse({"status": "ok" if status == 200 else "unavailable", **counts}, status)
+        # "degraded": no prefill instance, decode prefills requests itself; still serving.
+        if pool.ready():
+            state, status = "ok", 200
+        else:
+            state, status = ("degraded", 200) if counts["decode"] else ("unavailable", 503)
+        return JSONResponse({"status": state, **counts}, status)
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -159,7 +163,7 @@ def create_app(
             endpoint=endpoint,
             body=body,
             prompt_tokens=prompt_tokens,
-            prefill=_pick("prefill", prompt_tokens),
+            prefill=_pick("prefill", prompt_tokens) if pool.healthy("prefill") else None,
             decode=_pick("decode", prompt_tokens),
             started=started,
             deadline=started + settings.request_timeout_s,
@@ -167,7 +171,8 @@ def create_app(
         try:
             # Until the answer starts; a stream's relay keeps the same deadline.
             async with asyncio.timeout(leg.deadline - time.monotonic()):
-                return await flow.serve(leg)
+                serve = flow.serve if leg.prefill is not None else flow.serve_alone
+                return await serve(leg)
         except TimeoutError:
             raise ProxyError(
                 504, f"the request took longer than {settings.request_timeout_s:g} s"

@@ -18,6 +18,9 @@ locate the prompt's KV, loads it and generates. Three flows implement it:
     Sequential, but the client gets the prefill leg's token at once and decode
     continues from it.
 
+With no prefill instance in rotation, every flow sends the request to decode alone
+(``Flow.serve_alone``), which prefills it itself.
+
 All: a request the prefill instance rejects (4xx) is answered with its error; if
 the prefill leg fails, or its instance leaves rotation (health checks found it
 stopped) while the leg waits, decode prefills the prompt itself; a client that disconnects
@@ -63,7 +66,7 @@ class Leg:
     endpoint: str  # "completions" | "chat/completions"
     body: dict[str, Any]
     prompt_tokens: int
-    prefill: Instance
+    prefill: Instance | None  # None: no prefill instance in rotation (Flow.serve_alone)
     decode: Instance
     started: float  # time.monotonic() when the proxy received it
     deadline: float  # time.monotonic() by which the answer must be complete
@@ -94,6 +97,15 @@ class Flow(ABC):
     async def serve(self, leg: Leg) -> Response:
         """Answer the request: decode's response, streamed or not, or an error."""
 
+    async def serve_alone(self, leg: Leg) -> Response:
+        """No prefill instance is in rotation: decode prefills the prompt itself, so
+        the cluster keeps serving (slower) until one is back."""
+        self._metrics.fallbacks.inc()
+        self._observe_own_time(time.monotonic() - leg.started)
+        if leg.body.get("stream"):
+            return await self._decode_stream(leg, leg.body)
+        return await self._decode(leg, leg.body)
+
     # --- the prefill leg -----------------------------------------------------------------
 
     async def _prefill(self, leg: Leg, rendezvous: str = "") -> PrefillOutcome:
@@ -117,6 +129,7 @@ class Flow(ABC):
             params["pd_rendezvous"] = rendezvous
         body.update(max_tokens=1, stream=False, n=1, kv_transfer_params=params, **extra)
         inst = leg.prefill
+        assert inst is not None, "a leg without prefill goes to serve_alone"
         inst.inflight_requests += 1
         inst.outstanding_prompt_tokens += leg.prompt_tokens
         sent = time.monotonic()
@@ -258,6 +271,7 @@ class ConcurrentFlow(SequentialFlow):
         return known[1] if known is not None and known[0] == inst.url else None
 
     async def serve(self, leg: Leg) -> Response:
+        assert leg.prefill is not None, "a leg without prefill goes to serve_alone"
         address = self._kv_address(leg.prefill)
         if address is None:
             return await super().serve(leg)
