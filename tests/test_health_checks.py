@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
-from pd.proxy.flow import LeftRotation, unless_left
+from pd.proxy.flow import LeftRotation, chunks_until, unless_left
 from pd.proxy.instances import Instance, InstancePool
 
 TIMEOUT_S = 0.2
@@ -224,3 +225,57 @@ def test_an_instance_back_in_rotation_keeps_new_calls():
         return w.inst.healthy, answer.status_code
 
     assert asyncio.run(go()) == (True, 200)
+
+
+async def _endless() -> AsyncIterator[bytes]:
+    """A stream that keeps producing, slowly (one chunk every 20 ms)."""
+    while True:
+        await asyncio.sleep(0.02)
+        yield b"data: {}\n\n"
+
+
+def test_a_relayed_stream_ends_when_its_instance_leaves_rotation():
+    async def go() -> tuple[str, int]:
+        inst = Instance("pd-decode-0", "decode", "http://127.0.0.1:9", healthy=True)
+        asyncio.get_running_loop().call_later(0.2, inst.left.set)
+        seen = 0
+        try:
+            async for _ in chunks_until(time.monotonic() + 30, _endless(), inst.left):
+                seen += 1
+        except LeftRotation:
+            return "left", seen
+        return "ended by itself", seen
+
+    outcome, seen = asyncio.run(go())
+    assert outcome == "left" and 0 < seen < 100
+
+
+def test_a_relayed_stream_that_stalls_ends_when_its_instance_leaves_rotation():
+    async def stalled() -> AsyncIterator[bytes]:
+        yield b"data: {}\n\n"
+        await asyncio.Event().wait()  # never another chunk
+        yield b""
+
+    async def go() -> str:
+        left = asyncio.Event()
+        asyncio.get_running_loop().call_later(0.2, left.set)
+        try:
+            async for _ in chunks_until(time.monotonic() + 30, stalled(), left):
+                pass
+        except LeftRotation:
+            return "left"
+        return "ended by itself"
+
+    assert asyncio.run(asyncio.wait_for(go(), 5)) == "left"
+
+
+def test_a_relayed_stream_past_its_deadline_times_out():
+    async def go() -> str:
+        try:
+            async for _ in chunks_until(time.monotonic() + 0.2, _endless(), asyncio.Event()):
+                pass
+        except TimeoutError:
+            return "deadline"
+        return "ended by itself"
+
+    assert asyncio.run(asyncio.wait_for(go(), 5)) == "deadline"

@@ -23,13 +23,16 @@ With no prefill instance in rotation, every flow sends the request to decode alo
 
 All: a request the prefill instance rejects (4xx) is answered with its error; if
 the prefill leg fails, or its instance leaves rotation (health checks found it
-stopped) while the leg waits, decode prefills the prompt itself; a client that disconnects
-closes the upstream connections, which makes vLLM abort the request on both sides.
+stopped) while the leg waits, decode prefills the prompt itself; a decode leg whose
+instance leaves rotation ends at once with a 503 (an error event mid-stream); a
+client that disconnects closes the upstream connections, which makes vLLM abort the
+request on both sides.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -167,11 +170,11 @@ class Flow(ABC):
     async def _decode(self, leg: Leg, body: dict[str, Any]) -> Response:
         inst = leg.decode
         inst.inflight_requests += 1
+        post = self._http.post(f"{inst.url}/v1/{leg.endpoint}", json=body, timeout=self._timeout)
         try:
-            response = await _until_disconnect(
-                leg.request,
-                self._http.post(f"{inst.url}/v1/{leg.endpoint}", json=body, timeout=self._timeout),
-            )
+            response = await _until_disconnect(leg.request, unless_left(inst, post))
+        except LeftRotation:
+            raise ProxyError(503, _left_message(inst)) from None
         except httpx.HTTPError as e:
             self._pool.suspect(inst, f"decode failed: {e!r}")
             raise ProxyError(503, f"decode instance {inst.name} failed: {e!r}") from e
@@ -186,7 +189,9 @@ class Flow(ABC):
             "POST", f"{inst.url}/v1/{leg.endpoint}", json=body, timeout=self._timeout
         )
         try:
-            return await self._http.send(upstream_request, stream=True)
+            return await unless_left(inst, self._http.send(upstream_request, stream=True))
+        except LeftRotation:
+            raise ProxyError(503, _left_message(inst)) from None
         except httpx.HTTPError as e:
             self._pool.suspect(inst, f"decode failed: {e!r}")
             raise ProxyError(503, f"decode instance {inst.name} failed: {e!r}") from e
@@ -206,19 +211,24 @@ class Flow(ABC):
     async def _relay(self, leg: Leg, chunks: AsyncGenerator[bytes, None]) -> AsyncIterator[bytes]:
         status = 200
         last = None
+        relayed = chunks_until(leg.deadline, chunks, leg.decode.left)
         try:
-            async for chunk in _until(leg.deadline, chunks):
-                now = time.monotonic()
-                if last is None:
-                    self._metrics.observe_ttft(now - leg.started)
-                else:
-                    self._metrics.observe_itl(now - last)
-                last = now
-                yield chunk
+            async with contextlib.aclosing(relayed):  # its watcher ends with the relay
+                async for chunk in relayed:
+                    now = time.monotonic()
+                    if last is None:
+                        self._metrics.observe_ttft(now - leg.started)
+                    else:
+                        self._metrics.observe_itl(now - last)
+                    last = now
+                    yield chunk
         except httpx.HTTPError as e:
             status = 502
             self._pool.suspect(leg.decode, f"stream broke: {e!r}")
             yield error_event(502, f"decode instance {leg.decode.name} failed mid-stream")
+        except LeftRotation:
+            status = 503
+            yield error_event(503, _left_message(leg.decode))
         except ProxyError as e:
             status = e.status
             yield error_event(e.status, e.message)
@@ -343,9 +353,11 @@ class ConcurrentFlow(SequentialFlow):
                     if isinstance(fallback, Response):
                         return fallback
                     return await self._decode_stream(leg, leg.body)
-            chunk = await _until_disconnect(leg.request, first)
+            chunk = await _until_disconnect(leg.request, unless_left(leg.decode, first))
             committed = True
             return self._stream_response(leg, upstream_chunks(upstream, chunk, chunks))
+        except LeftRotation:
+            raise ProxyError(503, _left_message(leg.decode)) from None
         except httpx.HTTPError as e:
             self._pool.suspect(leg.decode, f"decode failed: {e!r}")
             raise ProxyError(503, f"decode instance {leg.decode.name} failed: {e!r}") from e
@@ -363,15 +375,42 @@ class ConcurrentFlow(SequentialFlow):
         return True if outcome is None else None
 
 
-async def _until(deadline: float, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """``chunks`` until they end, or TimeoutError once ``deadline`` passes."""
-    while True:
-        try:
-            async with asyncio.timeout(deadline - time.monotonic()):
-                chunk = await anext(chunks)
-        except StopAsyncIteration:
-            return
-        yield chunk
+async def chunks_until(
+    deadline: float, chunks: AsyncIterator[bytes], left: asyncio.Event
+) -> AsyncIterator[bytes]:
+    """``chunks`` until they end; TimeoutError once ``deadline`` passes, LeftRotation
+    once ``left`` is set (the instance producing them stopped answering)."""
+    waiting: list[asyncio.Timeout] = []  # the wait for the next chunk, if one is on
+
+    async def cut_short() -> None:
+        await left.wait()
+        for timeout in waiting:
+            timeout.reschedule(asyncio.get_running_loop().time())
+
+    # One watcher per stream, not a task per chunk: it ends the wait in progress.
+    watcher = asyncio.ensure_future(cut_short())
+    try:
+        while not left.is_set():
+            try:
+                async with asyncio.timeout(deadline - time.monotonic()) as timeout:
+                    waiting.append(timeout)
+                    chunk = await anext(chunks)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                if left.is_set():
+                    break
+                raise
+            finally:
+                waiting.clear()
+            yield chunk
+        raise LeftRotation("the instance left rotation")
+    finally:
+        watcher.cancel()
+
+
+def _left_message(inst: Instance) -> str:
+    return f"decode instance {inst.name} stopped answering (out of rotation); retry"
 
 
 class LeftRotation(Exception):
