@@ -157,13 +157,14 @@ def create_app(
         # Only pd's own prefill leg may tell a decode instance where KV lives.
         body.pop("kv_transfer_params", None)
         prompt_tokens = _estimate_prompt_tokens(body)
+        prefills = pool.healthy("prefill")  # none: decode serves alone (Flow.serve_alone)
 
         leg = Leg(
             request=request,
             endpoint=endpoint,
             body=body,
             prompt_tokens=prompt_tokens,
-            prefill=_pick("prefill", prompt_tokens) if pool.healthy("prefill") else None,
+            prefill=policy.pick("prefill", prefills, prompt_tokens) if prefills else None,
             decode=_pick("decode", prompt_tokens),
             started=started,
             deadline=started + settings.request_timeout_s,

@@ -172,12 +172,7 @@ class Flow(ABC):
         inst.inflight_requests += 1
         post = self._http.post(f"{inst.url}/v1/{leg.endpoint}", json=body, timeout=self._timeout)
         try:
-            response = await _until_disconnect(leg.request, unless_left(inst, post))
-        except LeftRotation:
-            raise ProxyError(503, _left_message(inst)) from None
-        except httpx.HTTPError as e:
-            self._pool.suspect(inst, f"decode failed: {e!r}")
-            raise ProxyError(503, f"decode instance {inst.name} failed: {e!r}") from e
+            response = await _until_disconnect(leg.request, self._on_decode(inst, post))
         finally:
             inst.inflight_requests -= 1
         return Response(response.content, response.status_code, media_type="application/json")
@@ -188,8 +183,13 @@ class Flow(ABC):
         upstream_request = self._http.build_request(
             "POST", f"{inst.url}/v1/{leg.endpoint}", json=body, timeout=self._timeout
         )
+        return await self._on_decode(inst, self._http.send(upstream_request, stream=True))
+
+    async def _on_decode(self, inst: Instance, call: Awaitable[T]) -> T:
+        """A call to decode instance ``inst`` before its answer starts: a 503 if it
+        fails (the instance is checked at once) or ``inst`` leaves rotation meanwhile."""
         try:
-            return await unless_left(inst, self._http.send(upstream_request, stream=True))
+            return await unless_left(inst, call)
         except LeftRotation:
             raise ProxyError(503, _left_message(inst)) from None
         except httpx.HTTPError as e:
@@ -353,14 +353,9 @@ class ConcurrentFlow(SequentialFlow):
                     if isinstance(fallback, Response):
                         return fallback
                     return await self._decode_stream(leg, leg.body)
-            chunk = await _until_disconnect(leg.request, unless_left(leg.decode, first))
+            chunk = await _until_disconnect(leg.request, self._on_decode(leg.decode, first))
             committed = True
             return self._stream_response(leg, upstream_chunks(upstream, chunk, chunks))
-        except LeftRotation:
-            raise ProxyError(503, _left_message(leg.decode)) from None
-        except httpx.HTTPError as e:
-            self._pool.suspect(leg.decode, f"decode failed: {e!r}")
-            raise ProxyError(503, f"decode instance {leg.decode.name} failed: {e!r}") from e
         finally:
             if not committed:
                 first.cancel()
