@@ -134,6 +134,65 @@ class VllmInstance:
         return round(usage * total) if total else (0 if usage == 0 else -1)
 
 
+class Throttle:
+    """Slows an instance down without silencing it: tests/throttle.py, as its own
+    process, continues the instance's process group for ``run_s`` and stops it for
+    ``stop_s``, in turns.
+
+    Scenarios that need a request still running when a fault strikes throttle decode
+    as soon as the request begins. A duty cycle run from the test's event loop, or a
+    pace judged by the events this client has read, ran late on loaded machines (the
+    client reads late, decode runs unchecked meanwhile) and let streams finish before
+    the fault."""
+
+    # Decode runs 1/21 of the time: at 250 tokens/s unthrottled a 1500-token stream
+    # needs over 120 s. Stopped at most 0.6 s at a time, under the proxy's 2 s
+    # health-check timeout, so health checks keep the instance in rotation.
+    RUN_S, STOP_S = 0.03, 0.6
+
+    def __init__(self, instance: VllmInstance) -> None:
+        self.instance = instance
+        self.process: subprocess.Popen[str] | None = None
+        self.ended = False  # events still arriving after end() must not restart it
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None
+
+    def start(self) -> None:
+        """Starts the throttle, once; also usable as send()'s ``on_event``."""
+        if self.process is None and not self.ended:
+            script = str(Path(__file__).with_name("throttle.py"))
+            pgid, run_s, stop_s = self.instance.pid, self.RUN_S, self.STOP_S
+            args = [sys.executable, script, str(pgid), str(run_s), str(stop_s)]
+            self.process = subprocess.Popen(
+                args, stdout=subprocess.PIPE, text=True, start_new_session=True
+            )
+
+    async def end(self, *, leave_stopped: bool = False) -> str:
+        """Ends the throttle, leaving the instance running or (``leave_stopped``)
+        stopped, and describes what it did."""
+        self.ended = True
+        if self.process is None:
+            return f"{self.instance.name} was never throttled"
+        self.process.send_signal(signal.SIGUSR1 if leave_stopped else signal.SIGTERM)
+        report, _ = await asyncio.to_thread(self.process.communicate, timeout=10)
+        self.process = None
+        # Again here, in case the signal came before the throttle set its handlers up.
+        if leave_stopped:
+            self.instance.stop()
+        else:
+            self.instance.resume()
+        if not report:
+            return f"{self.instance.name}: the throttle ended before its first cycle"
+        cycles, longest, scheduling = [*report.split(), "?", "?", "?"][:3]
+        return (
+            f"{self.instance.name} throttled for {cycles} cycles of {self.RUN_S * 1000:.0f} ms "
+            f"run, {self.STOP_S * 1000:.0f} ms stopped (longest run window {longest} s, "
+            f"throttle scheduling {scheduling})"
+        )
+
+
 class PdServe:
     """pd-serve as a user starts it, on a temporary config derived from local.yaml."""
 
@@ -330,11 +389,11 @@ async def send(
     base_url: str,
     body: dict[str, Any],
     deadline_s: float,
-    on_event: Callable[[int], None] | None = None,
+    on_event: Callable[[], None] | None = None,
 ) -> Outcome:
     """POST ``body`` and classify how it ended; abandon it after ``deadline_s``.
 
-    ``on_event(n)`` is called as events arrive, with the count of events seen so far."""
+    ``on_event()`` is called as events arrive (in every read that completes one)."""
     started = time.monotonic()
     progress = {"events": 0}
     try:
@@ -354,11 +413,6 @@ async def send(
     return outcome
 
 
-def sets(event: asyncio.Event) -> Callable[[int], None]:
-    """An ``on_event`` callback for send() that sets ``event`` (the stream has begun)."""
-    return lambda _events: event.set()
-
-
 async def _send(http, url, body, progress, on_event) -> Outcome:
     try:
         async with http.stream("POST", url, json=body) as response:
@@ -371,7 +425,7 @@ async def _send(http, url, body, progress, on_event) -> Outcome:
                     if ended:
                         progress["events"] += ended
                         if on_event is not None:
-                            on_event(progress["events"])
+                            on_event()
             except httpx.HTTPError as e:
                 return Outcome(
                     "lost",
@@ -926,20 +980,24 @@ async def decode_stops_answering(serve: PdServe, http: httpx.AsyncClient, r: Sce
         serve, http, r, "decode", 1, 15, "decode back in rotation after SIGCONT"
     )
     r.notes.append(f"idle: back in rotation {took:.1f}s after SIGCONT")
-    # Now with requests in flight.
+    # Now with requests in flight: decode is throttled from the stream's first event
+    # on, so the stream is still running however late this client gets to stop it.
     bound = serve.request_s + PROXY_SLACK_S
     first_event = asyncio.Event()
+    throttle = Throttle(decode)
+
+    def began() -> None:
+        throttle.start()
+        first_event.set()
+
     stream = asyncio.create_task(
-        send(
-            http,
-            serve.url,
-            completion_body(200, 1500, stream=True),
-            bound,
-            sets(first_event),
-        )
+        send(http, serve.url, completion_body(200, 1500, stream=True), bound, began)
     )
-    r.require("the stream starts", await asyncio.wait_for(first_event.wait(), 60))
-    decode.stop()
+    try:
+        await asyncio.wait_for(first_event.wait(), 60)
+    finally:
+        r.notes.append(await throttle.end(leave_stopped=first_event.is_set()))
+    r.require("the stream starts", first_event.is_set())
     started = time.monotonic()
     try:
         waiting = await send(http, serve.url, completion_body(200, 16), bound)
@@ -980,46 +1038,18 @@ async def decode_stops_answering(serve: PdServe, http: httpx.AsyncClient, r: Sce
 async def request_deadline(serve: PdServe, http: httpx.AsyncClient, r: ScenarioResult):
     """A stream that keeps producing tokens but runs past timeouts.request_s is ended
     by the proxy with an error event at the deadline. Once the stream has begun, decode
-    is throttled (continued for a short window, stopped for a longer one, in turns) so
-    the stream is slow but never silent for long.
-
-    The throttle is its own process (tests/throttle.py): a duty cycle run from this
-    event loop, or a pace judged by the events this client has read, ran late on
-    loaded machines (the client reads late, decode runs unchecked meanwhile) and let
-    the stream finish all its tokens inside the deadline."""
-    decode = serve.instances()["pd-decode-0"]
+    is throttled (see Throttle) so the stream is slow but never silent for long."""
+    throttle = Throttle(serve.instances()["pd-decode-0"])
     bound = serve.request_s + PROXY_SLACK_S
-    max_tokens = FAULT_MAX_MODEL_LEN - 200
-    # Decode runs 1/21 of the time: at 250 tokens/s unthrottled the stream needs over
-    # 300 s. Stopped at most 0.6 s at a time, under the proxy's 2 s health-check timeout.
-    run_s, stop_s = 0.03, 0.6
-    throttle: subprocess.Popen[str] | None = None
-
-    def start_throttle(_events: int) -> None:
-        nonlocal throttle
-        if throttle is None:
-            script = str(Path(__file__).with_name("throttle.py"))
-            args = [sys.executable, script, str(decode.pid), str(run_s), str(stop_s)]
-            throttle = subprocess.Popen(
-                args, stdout=subprocess.PIPE, text=True, start_new_session=True
-            )
-
-    body = completion_body(100, max_tokens, stream=True)
+    body = completion_body(100, FAULT_MAX_MODEL_LEN - 200, stream=True)
+    began = False
     try:
-        outcome = await send(http, serve.url, body, bound, start_throttle)
+        outcome = await send(http, serve.url, body, bound, throttle.start)
     finally:
-        if throttle is not None:
-            throttle.terminate()
-            report, _ = await asyncio.to_thread(throttle.communicate, timeout=10)
-            cycles, longest, scheduling = [*report.split(), "?", "?", "?"][:3]
-            r.notes.append(
-                f"decode throttled for {cycles} cycles of {run_s * 1000:.0f} ms run, "
-                f"{stop_s * 1000:.0f} ms stopped (longest run window {longest} s, "
-                f"throttle scheduling {scheduling})"
-            )
-        decode.resume()
+        began = throttle.running
+        r.notes.append(await throttle.end())
     r.outcomes.append(outcome)
-    r.check("the stream began (decode was throttled)", throttle is not None)
+    r.check("the stream began (decode was throttled)", began)
     r.check(
         f"the stream ends with an error event by request_s + {PROXY_SLACK_S} s ({bound:.0f}s)",
         outcome.kind == "error",
@@ -1081,7 +1111,18 @@ async def decode_killed_mid_stream(serve: PdServe, http: httpx.AsyncClient, r: S
     before = serve.instances()["pd-decode-0"]
     since = serve.log_size()
     bound = 60
+    # Decode is throttled from the first event on, so that no stream can finish
+    # before the kill however late this client gets to it.
+    throttle = Throttle(before)
     started = [asyncio.Event() for _ in range(4)]
+
+    def began(index: int) -> Callable[[], None]:
+        def on_event() -> None:
+            throttle.start()
+            started[index].set()
+
+        return on_event
+
     streams = [
         asyncio.create_task(
             send(
@@ -1089,15 +1130,21 @@ async def decode_killed_mid_stream(serve: PdServe, http: httpx.AsyncClient, r: S
                 serve.url,
                 completion_body(300, 1500, stream=True, chat=i == 0),
                 bound,
-                sets(started[i]),
+                began(i),
             )
         )
         for i in range(4)
     ]
-    await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 60)
-    waiting = asyncio.create_task(send(http, serve.url, completion_body(200, 1000), bound))
-    await asyncio.sleep(0.5)
-    before.kill()
+    try:
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 60)
+        waiting = asyncio.create_task(send(http, serve.url, completion_body(200, 1000), bound))
+        await asyncio.sleep(0.5)
+        # Held stopped, then killed: no window in which decode runs unthrottled.
+        r.notes.append(await throttle.end(leave_stopped=True))
+        before.kill()
+    finally:
+        if throttle.running:  # the streams did not all start: leave decode running
+            r.notes.append(await throttle.end())
     left = asyncio.create_task(
         wait_role_count(serve, http, r, "decode", 0, 15, "the crashed decode leaves rotation")
     )

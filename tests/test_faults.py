@@ -57,7 +57,7 @@ def test_stalled_transfer_peer_makes_decode_recompute_in_time(serve, baseline_co
     run(serve, rel.stalled_transfer_peer, baseline_connections)
 
 
-def test_decode_stops_answering_requests_end_at_the_deadline(serve, baseline_connections):
+def test_decode_stops_answering_requests_end_when_it_leaves_rotation(serve, baseline_connections):
     run(serve, rel.decode_stops_answering, baseline_connections)
 
 

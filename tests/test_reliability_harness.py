@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import time
 
 import httpx
 import pytest
@@ -81,3 +83,41 @@ def test_connection_dropped_without_an_answer_is_lost():
             return await rel.send(http, "http://pd", PLAIN, deadline_s=5)
 
     assert asyncio.run(go()).kind == "lost"
+
+
+def process_state(pid: int) -> str:
+    """R/S (running or sleeping), T (stopped), from /proc."""
+    return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+
+
+@pytest.fixture
+def sleeper():
+    process = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    yield rel.VllmInstance("sleeper", "decode", process.pid, "http://unused")
+    process.kill()
+    process.wait()
+
+
+def test_throttle_runs_and_stops_the_group_in_turns(sleeper):
+    throttle = rel.Throttle(sleeper)
+    throttle.start()
+    seen = set()
+    until = time.monotonic() + 5
+    while seen != {"S", "T"} and time.monotonic() < until:
+        seen.add(process_state(sleeper.pid))
+        time.sleep(0.005)
+    note = asyncio.run(throttle.end())
+    assert seen == {"S", "T"}, seen
+    assert process_state(sleeper.pid) == "S", "end() leaves the group running"
+    assert "cycles" in note and "?" not in note, note
+
+
+def test_throttle_can_leave_the_group_stopped_and_never_restarts(sleeper):
+    throttle = rel.Throttle(sleeper)
+    throttle.start()  # ended at once: before the throttle has set up its handlers, too
+    asyncio.run(throttle.end(leave_stopped=True))
+    assert process_state(sleeper.pid) == "T"
+    throttle.start()  # a late event after end() starts nothing
+    assert not throttle.running
+    time.sleep(1)
+    assert process_state(sleeper.pid) == "T"

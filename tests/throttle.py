@@ -4,10 +4,13 @@
 
 Run as its own process so that the duty cycle does not depend on the test process
 being scheduled: a process that only sleeps and signals is woken promptly even on a
-loaded machine, while a test's event loop busy reading a stream may run late. On
-SIGTERM (or when the group is gone) it continues the group and prints, on one line,
-the number of cycles, the longest window the group actually ran, in seconds, and the
-scheduling it got.
+loaded machine, while a test's event loop busy reading a stream may run late.
+
+It ends on a signal and prints, on one line, the number of cycles, the longest window
+the group actually ran, in seconds, and the scheduling it got:
+- SIGTERM (or the group is gone): the group is left running;
+- SIGUSR1: the group is left stopped, so a test can hold it still (or kill it) without
+  a window in which it runs unthrottled.
 """
 
 from __future__ import annotations
@@ -36,13 +39,14 @@ def main(pgid: int, run_s: float, stop_s: float) -> None:
     cycles = 0
     longest_run_s = 0.0
 
-    def finish(*_: object) -> None:
+    def finish(final: signal.Signals) -> None:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, signal.SIGCONT)
+            os.killpg(pgid, final)
         print(cycles, f"{longest_run_s:.3f}", scheduling, flush=True)
         sys.exit(0)
 
-    signal.signal(signal.SIGTERM, finish)
+    signal.signal(signal.SIGTERM, lambda *_: finish(signal.SIGCONT))
+    signal.signal(signal.SIGUSR1, lambda *_: finish(signal.SIGSTOP))
     try:
         while True:
             began = time.monotonic()
@@ -53,7 +57,7 @@ def main(pgid: int, run_s: float, stop_s: float) -> None:
             cycles += 1
             time.sleep(stop_s)
     except ProcessLookupError:
-        finish()
+        finish(signal.SIGCONT)
 
 
 if __name__ == "__main__":
