@@ -140,10 +140,10 @@ class Throttle:
     ``stop_s``, in turns.
 
     Scenarios that need a request still running when a fault strikes throttle decode
-    as soon as the request begins. A duty cycle run from the test's event loop, or a
-    pace judged by the events this client has read, ran late on loaded machines (the
-    client reads late, decode runs unchecked meanwhile) and let streams finish before
-    the fault."""
+    before they send it. Anything this client times by the events it has read runs
+    late on a loaded machine: it reads late while decode runs unchecked, and streams
+    finished before the fault (a pacer in the test's event loop; a throttle started at
+    the first event read, which came 7 s late once, after a whole 1500-token stream)."""
 
     # Decode runs 1/21 of the time: at 250 tokens/s unthrottled a 1500-token stream
     # needs over 120 s. Stopped at most 0.6 s at a time, under the proxy's 2 s
@@ -153,14 +153,14 @@ class Throttle:
     def __init__(self, instance: VllmInstance) -> None:
         self.instance = instance
         self.process: subprocess.Popen[str] | None = None
-        self.ended = False  # events still arriving after end() must not restart it
+        self.ended = False  # start() after end() must not restart it
 
     @property
     def running(self) -> bool:
         return self.process is not None
 
     def start(self) -> None:
-        """Starts the throttle, once; also usable as send()'s ``on_event``."""
+        """Starts the throttle, once."""
         if self.process is None and not self.ended:
             script = str(Path(__file__).with_name("throttle.py"))
             pgid, run_s, stop_s = self.instance.pid, self.RUN_S, self.STOP_S
@@ -980,18 +980,14 @@ async def decode_stops_answering(serve: PdServe, http: httpx.AsyncClient, r: Sce
         serve, http, r, "decode", 1, 15, "decode back in rotation after SIGCONT"
     )
     r.notes.append(f"idle: back in rotation {took:.1f}s after SIGCONT")
-    # Now with requests in flight: decode is throttled from the stream's first event
-    # on, so the stream is still running however late this client gets to stop it.
+    # Now with requests in flight: decode is throttled before the stream is sent, so it
+    # is still running however late this client gets to stop it.
     bound = serve.request_s + PROXY_SLACK_S
     first_event = asyncio.Event()
     throttle = Throttle(decode)
-
-    def began() -> None:
-        throttle.start()
-        first_event.set()
-
+    throttle.start()
     stream = asyncio.create_task(
-        send(http, serve.url, completion_body(200, 1500, stream=True), bound, began)
+        send(http, serve.url, completion_body(200, 1500, stream=True), bound, first_event.set)
     )
     try:
         await asyncio.wait_for(first_event.wait(), 60)
@@ -1037,19 +1033,22 @@ async def decode_stops_answering(serve: PdServe, http: httpx.AsyncClient, r: Sce
 
 async def request_deadline(serve: PdServe, http: httpx.AsyncClient, r: ScenarioResult):
     """A stream that keeps producing tokens but runs past timeouts.request_s is ended
-    by the proxy with an error event at the deadline. Once the stream has begun, decode
-    is throttled (see Throttle) so the stream is slow but never silent for long."""
+    by the proxy with an error event at the deadline. Decode is throttled (see
+    Throttle) so the stream is slow but never silent for long."""
     throttle = Throttle(serve.instances()["pd-decode-0"])
     bound = serve.request_s + PROXY_SLACK_S
     body = completion_body(100, FAULT_MAX_MODEL_LEN - 200, stream=True)
-    began = False
+    throttle.start()
     try:
-        outcome = await send(http, serve.url, body, bound, throttle.start)
+        outcome = await send(http, serve.url, body, bound)
     finally:
-        began = throttle.running
         r.notes.append(await throttle.end())
     r.outcomes.append(outcome)
-    r.check("the stream began (decode was throttled)", began)
+    r.check(
+        "the stream was producing tokens (throttled) when the deadline came",
+        outcome.events >= 2,
+        f"{outcome.events} events",
+    )
     r.check(
         f"the stream ends with an error event by request_s + {PROXY_SLACK_S} s ({bound:.0f}s)",
         outcome.kind == "error",
@@ -1111,18 +1110,11 @@ async def decode_killed_mid_stream(serve: PdServe, http: httpx.AsyncClient, r: S
     before = serve.instances()["pd-decode-0"]
     since = serve.log_size()
     bound = 60
-    # Decode is throttled from the first event on, so that no stream can finish
-    # before the kill however late this client gets to it.
+    # Decode is throttled before the streams are sent, so that none can finish before
+    # the kill however late this client gets to it.
     throttle = Throttle(before)
+    throttle.start()
     started = [asyncio.Event() for _ in range(4)]
-
-    def began(index: int) -> Callable[[], None]:
-        def on_event() -> None:
-            throttle.start()
-            started[index].set()
-
-        return on_event
-
     streams = [
         asyncio.create_task(
             send(
@@ -1130,7 +1122,7 @@ async def decode_killed_mid_stream(serve: PdServe, http: httpx.AsyncClient, r: S
                 serve.url,
                 completion_body(300, 1500, stream=True, chat=i == 0),
                 bound,
-                began(i),
+                started[i].set,
             )
         )
         for i in range(4)
