@@ -109,7 +109,7 @@ def create_app(
     async def health() -> JSONResponse:
         counts = {role: len(pool.healthy(role)) for role in ("prefill", "decode")}
         # "degraded": no prefill instance, decode prefills requests itself; still serving.
-        if pool.ready():
+        if counts["prefill"] and counts["decode"]:
             state, status = "ok", 200
         else:
             state, status = ("degraded", 200) if counts["decode"] else ("unavailable", 503)

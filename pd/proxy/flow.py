@@ -105,9 +105,7 @@ class Flow(ABC):
         the cluster keeps serving (slower) until one is back."""
         self._metrics.fallbacks.inc()
         self._observe_own_time(time.monotonic() - leg.started)
-        if leg.body.get("stream"):
-            return await self._decode_stream(leg, leg.body)
-        return await self._decode(leg, leg.body)
+        return await self._decode_answer(leg, leg.body)
 
     # --- the prefill leg -----------------------------------------------------------------
 
@@ -166,6 +164,12 @@ class Flow(ABC):
         """A prefill answer's params; the concurrent flow remembers the KV address."""
 
     # --- the decode leg ------------------------------------------------------------------
+
+    async def _decode_answer(self, leg: Leg, body: dict[str, Any]) -> Response:
+        """Decode's answer to ``body``, streamed if the client asked for a stream."""
+        if leg.body.get("stream"):
+            return await self._decode_stream(leg, body)
+        return await self._decode(leg, body)
 
     async def _decode(self, leg: Leg, body: dict[str, Any]) -> Response:
         inst = leg.decode
@@ -256,9 +260,7 @@ class SequentialFlow(Flow):
             return outcome  # prefill rejected the request: that is the answer
         body = {**leg.body, "kv_transfer_params": outcome} if outcome else leg.body
         self._observe_own_time(before_prefill - leg.started + time.monotonic() - after_prefill)
-        if leg.body.get("stream"):
-            return await self._decode_stream(leg, body)
-        return await self._decode(leg, body)
+        return await self._decode_answer(leg, body)
 
 
 class ConcurrentFlow(SequentialFlow):

@@ -78,9 +78,6 @@ class InstancePool:
     def healthy(self, role: str) -> list[Instance]:
         return [i for i in self.instances.values() if i.role == role and i.healthy and i.url]
 
-    def ready(self) -> bool:
-        return bool(self.healthy("prefill")) and bool(self.healthy("decode"))
-
     def mark_unhealthy(self, instance: Instance, reason: str) -> None:
         if instance.healthy:
             logger.warning("%s out of rotation: %s", instance.name, reason)
