@@ -1,0 +1,78 @@
+"""Readings from the Prometheus metrics of pd's proxy and of vLLM instances."""
+
+from __future__ import annotations
+
+import httpx
+
+# The decode instance's running totals that split a request's time on decode.
+DECODE_SUMS = {
+    "ttft": "vllm:time_to_first_token_seconds_sum",  # the decode server got it -> 1st token
+    "queue": "vllm:request_queue_time_seconds_sum",  # waiting, the KV load included
+}
+
+
+def metrics_text(url: str, client: httpx.Client | None = None) -> str:
+    get = client.get if client is not None else httpx.get
+    return get(f"{url}/metrics", timeout=30).text
+
+
+def first_token_handoffs(url: str) -> tuple[float, float, float]:
+    """pd's proxy at ``url``: (requests so far whose first token came from the prefill
+    leg, requests answered so far, seconds spent in prefill legs so far)."""
+    handoffs = answered = prefill_s = 0.0
+    for line in metrics_text(url).splitlines():
+        if line.startswith("pd_first_token_handoffs_total "):
+            handoffs = float(line.split()[1])
+        elif line.startswith("pd_requests_total{") and 'status="200"' in line:
+            answered += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("pd_prefill_seconds_sum "):
+            prefill_s = float(line.split()[1])
+    return handoffs, answered, prefill_s
+
+
+def share(before: tuple[float, ...], after: tuple[float, ...]) -> str:
+    """``"handed off of answered"`` between two first_token_handoffs() readings."""
+    return f"{after[0] - before[0]:.0f} of {after[1] - before[1]:.0f}"
+
+
+def decode_sums(decode_url: str) -> dict[str, float]:
+    """The decode instance's running totals of DECODE_SUMS (one request's share is the
+    difference across it)."""
+    totals = dict.fromkeys(DECODE_SUMS, 0.0)
+    for line in metrics_text(decode_url).splitlines():
+        for key, name in DECODE_SUMS.items():
+            if line.startswith(name):
+                totals[key] += float(line.rsplit(" ", 1)[1])
+    return totals
+
+
+def proxy_own_time_buckets(url: str, client: httpx.Client) -> dict[float, float]:
+    """The proxy's pd_proxy_overhead_seconds histogram: upper bound -> cumulative count."""
+    return histogram(metrics_text(url, client), "pd_proxy_overhead_seconds")
+
+
+def engine_itl_buckets(decode_url: str) -> dict[float, float]:
+    """The decode instance's vllm:inter_token_latency_seconds: the gaps between a
+    request's tokens as its engine core produced them (before any IPC, HTTP or proxy)."""
+    return histogram(metrics_text(decode_url), "vllm:inter_token_latency_seconds")
+
+
+def histogram(text: str, name: str) -> dict[float, float]:
+    """Prometheus histogram ``name``, summed over its label sets: bound -> cumulative count."""
+    buckets: dict[float, float] = {}
+    for line in text.splitlines():
+        if line.startswith(f"{name}_bucket"):
+            bound = float(line.split('le="')[1].split('"')[0])
+            buckets[bound] = buckets.get(bound, 0.0) + float(line.rsplit(" ", 1)[1])
+    return buckets
+
+
+def bucket_quantile_ms(before: dict[float, float], after: dict[float, float], q: float) -> float:
+    """The smallest bucket bound holding a share ``q`` of the observations between two
+    scrapes: an upper bound of the quantile."""
+    delta = {b: after[b] - before.get(b, 0.0) for b in sorted(after)}
+    total = delta.get(float("inf"), 0.0)
+    for bound, count in delta.items():
+        if total and count >= q * total:
+            return 1000 * bound
+    return float("nan")
