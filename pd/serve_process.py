@@ -80,8 +80,12 @@ class VllmInstance:
 class PdServeProcess:
     """``pd-serve --config FILE`` on ``config`` plus its own ports; ``start()`` launches it."""
 
-    def __init__(self, config: dict[str, Any], workdir: Path | None = None) -> None:
+    def __init__(
+        self, config: dict[str, Any], workdir: Path | None = None, *, split_stderr: bool = False
+    ) -> None:
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="pd-serve-"))
+        # split_stderr: pd-serve's stderr (its errors) to stderr_path, not into log_path.
+        self.stderr_path = self.workdir / "pd-serve.stderr" if split_stderr else None
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.config = deep_merge(
@@ -107,11 +111,13 @@ class PdServeProcess:
 
     def start(self) -> PdServeProcess:
         self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
-        with open(self.log_path, "wb") as log:  # the child keeps its own copy
+        with contextlib.ExitStack() as files:  # the child keeps its own copies
+            log = files.enter_context(open(self.log_path, "wb"))
+            errors = files.enter_context(open(self.stderr_path, "wb")) if self.stderr_path else None
             self.proc = subprocess.Popen(
                 [Path(sys.executable).with_name("pd-serve"), "--config", str(self.config_path)],
                 stdout=log,
-                stderr=subprocess.STDOUT,
+                stderr=errors or subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
                 env=self.ray_env,
@@ -150,6 +156,18 @@ class PdServeProcess:
             return self.log_path.read_text(errors="replace")[-chars:]
         except FileNotFoundError:
             return "(no output)"
+
+    def stderr(self) -> str:
+        """What pd-serve wrote to stderr (with ``split_stderr``; else it is in ``log()``)."""
+        return self.stderr_path.read_text(errors="replace") if self.stderr_path else ""
+
+    def wait_exit(self, timeout_s: float) -> int:
+        """pd-serve's exit code once it ends by itself; kill it all after ``timeout_s``."""
+        try:
+            return self.proc.wait(timeout=timeout_s) if self.proc else -1
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
 
     def log_size(self) -> int:
         return self.log_path.stat().st_size

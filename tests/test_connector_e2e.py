@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from pd.vllm_server import VllmServer, free_port
-from tests.vllm_server import test_server
+from tests.harness.vllm import test_server
 
 pytestmark = pytest.mark.engines
 

@@ -1,4 +1,4 @@
-"""The fault tests' client (tests/reliability.py) tells every way a request can end apart:
+"""The fault tests' client (scripts/scenarios/client.py) tells every way a request can end apart:
 completed, a clear error, lost (dropped, malformed, truncated) or hung. No engines; the
 throttle the fault scenarios use, on a sleeping process."""
 
@@ -13,10 +13,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests import reliability as rel
+from pd.serve_process import VllmInstance
+from scripts.scenarios.client import Outcome, completion_body, send
+from scripts.scenarios.throttle import Throttle
 
-STREAM = rel.completion_body(max_tokens=2, stream=True)
-PLAIN = rel.completion_body(max_tokens=2)
+STREAM = completion_body(max_tokens=2, stream=True)
+PLAIN = completion_body(max_tokens=2)
 
 
 def events(*payloads: object) -> bytes:
@@ -33,14 +35,14 @@ SHORT = json.dumps({"choices": [{}], "usage": {"completion_tokens": 1}}).encode(
 ERROR = {"error": {"message": "decode failed", "type": "server_error", "code": 502}}
 
 
-def outcome(body: dict, status: int, content: bytes, *, delay_s: float = 0) -> rel.Outcome:
+def outcome(body: dict, status: int, content: bytes, *, delay_s: float = 0) -> Outcome:
     async def handler(request: httpx.Request) -> httpx.Response:
         await asyncio.sleep(delay_s)
         return httpx.Response(status, content=content)
 
-    async def go() -> rel.Outcome:
+    async def go() -> Outcome:
         async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
-            return await rel.send(http, "http://pd", body, deadline_s=0.5)
+            return await send(http, "http://pd", body, deadline_s=0.5)
 
     return asyncio.run(go())
 
@@ -80,9 +82,9 @@ def test_connection_dropped_without_an_answer_is_lost():
     async def handler(request: httpx.Request) -> httpx.Response:
         raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
 
-    async def go() -> rel.Outcome:
+    async def go() -> Outcome:
         async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
-            return await rel.send(http, "http://pd", PLAIN, deadline_s=5)
+            return await send(http, "http://pd", PLAIN, deadline_s=5)
 
     assert asyncio.run(go()).kind == "lost"
 
@@ -96,13 +98,13 @@ def process_state(pid: int) -> str:
 @pytest.fixture
 def sleeper():
     process = subprocess.Popen(["sleep", "60"], start_new_session=True)
-    yield rel.VllmInstance("sleeper", "decode", process.pid, "http://unused")
+    yield VllmInstance("sleeper", "decode", process.pid, "http://unused")
     process.kill()
     process.wait()
 
 
 def test_throttle_runs_and_stops_the_group_in_turns(sleeper):
-    throttle = rel.Throttle(sleeper)
+    throttle = Throttle(sleeper)
     throttle.start()
     seen = set()
     until = time.monotonic() + 5
@@ -116,7 +118,7 @@ def test_throttle_runs_and_stops_the_group_in_turns(sleeper):
 
 
 def test_throttle_can_leave_the_group_stopped_and_never_restarts(sleeper):
-    throttle = rel.Throttle(sleeper)
+    throttle = Throttle(sleeper)
     throttle.start()  # ended at once: before the throttle has set up its handlers, too
     asyncio.run(throttle.end(leave_stopped=True))
     assert process_state(sleeper.pid) == "stopped"

@@ -14,23 +14,15 @@ import httpx
 import pytest
 from openai import AsyncOpenAI
 
-from tests.test_serve_e2e import (
-    GREEDY,
-    MESSAGES,
-    PROMPT,
-    SERVED,
-    grew,
-    local_cluster,
-    proxy_metrics,
-)
+from pd.serve_process import PdServeProcess
+from tests.harness.openai_api import GREEDY, MESSAGES, PROMPT, SERVED, grew, proxy_metrics
 
 pytestmark = pytest.mark.engines
 
 
 @pytest.fixture(scope="module")
-def serve():
-    with local_cluster(flow="concurrent") as server:
-        yield server
+def serve(concurrent_cluster) -> PdServeProcess:
+    return concurrent_cluster
 
 
 def test_answers_equal_single_instance_and_kv_moves(serve, reference):

@@ -1,8 +1,8 @@
 """pd-serve end to end: configs/local.yaml on real Ray, real vLLM, the official client.
 
-One pd-serve process (as a user starts it) serves the whole module; its greedy
-answers must equal a single plain vLLM instance's. The last test stops it with
-SIGTERM and checks that nothing it started is left.
+One pd-serve process (as a user starts it; the session's ``local_cluster``) serves the
+whole module; its greedy answers must equal a single plain vLLM instance's. The last
+test stops it with SIGTERM and checks that nothing it started is left.
 """
 
 from __future__ import annotations
@@ -12,115 +12,39 @@ import os
 import signal
 import socket
 import subprocess
-import sys
-import tempfile
-import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
-from pathlib import Path
-from typing import Any
+from collections.abc import Iterable
 
 import httpx
 import openai
 import psutil
 import pytest
-import yaml
 from openai import OpenAI
 
-from pd.vllm_server import free_port, parse_prometheus
+from pd.serve_process import PdServeProcess
+from pd.vllm_server import parse_prometheus
+from tests.harness.openai_api import (
+    GREEDY,
+    MESSAGES,
+    PROMPT,
+    SERVED,
+    client_of,
+    grew,
+    proxy_metrics,
+)
+from tests.harness.ray_driver import actor_infos
+from tests.harness.waiting import wait_for
 
 pytestmark = pytest.mark.engines
 
-REPO = Path(__file__).resolve().parents[1]
-SERVED = "pd-tiny"
-PROMPT = "Disaggregated serving splits prefill from decode. " * 6
-
-
-class PdServe:
-    def __init__(self, config: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = Path(tempfile.mkdtemp(prefix="pd-serve-test-")) / "pd-serve.log"
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        # A Ray temp dir of its own, so that `ray.init(address="auto")` below finds this
-        # cluster and no other pd cluster running on the machine (nor kills its actors).
-        self.ray_tmpdir = tempfile.mkdtemp(prefix="pd-ray-", dir="/tmp")
-        self.ray_env = {**os.environ, "RAY_TMPDIR": self.ray_tmpdir}
-        self.proc = subprocess.Popen(
-            [Path(sys.executable).with_name("pd-serve"), "--config", str(config),
-             "--port", str(self.port)],
-            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, env=self.ray_env,
-        )  # fmt: skip
-
-    def wait_ready(self, timeout_s: float = 600) -> PdServe:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"pd-serve exited {self.proc.returncode}:\n{self.log()}")
-            try:
-                # "ok": both roles in rotation ("degraded" serves on decode alone).
-                if httpx.get(f"{self.url}/health", timeout=2).json().get("status") == "ok":
-                    return self
-            except (httpx.HTTPError, ValueError):
-                pass
-            time.sleep(2)
-        pytest.fail(f"pd-serve not ready in {timeout_s}s:\n{self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-6000:]
-
-    def terminate(self, timeout_s: float = 120) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-                return None
-        self._log.close()
-        return self.proc.returncode
-
 
 @pytest.fixture(scope="module")
-def serve():
-    server = PdServe(REPO / "configs" / "local.yaml")
-    try:
-        yield server.wait_ready()
-    finally:
-        server.terminate()
+def serve(local_cluster) -> PdServeProcess:
+    return local_cluster
 
 
 @pytest.fixture(scope="module")
 def client(serve) -> OpenAI:
-    return OpenAI(base_url=f"{serve.url}/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-@contextmanager
-def local_cluster(**proxy: Any) -> Iterator[PdServe]:
-    """pd-serve on configs/local.yaml with some ``proxy`` keys changed, ready; stopped
-    on exit."""
-    config = yaml.safe_load((REPO / "configs" / "local.yaml").read_text())
-    config.setdefault("proxy", {}).update(proxy)
-    path = Path(tempfile.mkdtemp(prefix="pd-cluster-")) / "cluster.yaml"
-    path.write_text(yaml.safe_dump(config))
-    server = PdServe(path)
-    try:
-        yield server.wait_ready()
-    finally:
-        server.terminate()
-
-
-def proxy_metrics(serve: PdServe) -> dict[str, float]:
-    return parse_prometheus(httpx.get(f"{serve.url}/metrics", timeout=10).text)
-
-
-def grew(before: dict[str, float], after: dict[str, float], name: str) -> float:
-    return after.get(name, 0) - before.get(name, 0)
-
-
-GREEDY = {"temperature": 0, "max_tokens": 16, "extra_body": {"ignore_eos": True}}
-MESSAGES = [{"role": "user", "content": "Tell me about prefill and decode."}]
+    return client_of(serve)
 
 
 def test_completions_equal_single_instance(serve, client, reference):
@@ -298,7 +222,7 @@ def test_bad_requests_through_the_official_client(client):
 
 def test_prompt_longer_than_the_context_is_vllms_400_relayed(serve, client):
     """The prefill leg's vLLM rejects it; the proxy relays that answer byte for byte."""
-    prefill_url = actor_infos(serve)["pd-prefill-0"]["url"]
+    prefill_url = serve.instances()["pd-prefill-0"].url
     long_prompt = "prefill " * 3000  # well over max_model_len (2048) tokens
     for endpoint, body in (
         ("completions", {"model": SERVED, "prompt": long_prompt, "max_tokens": 1}),
@@ -313,7 +237,7 @@ def test_prompt_longer_than_the_context_is_vllms_400_relayed(serve, client):
     assert_still_serves(client)
 
 
-def _raw_http(serve: PdServe, head: bytes, chunks: Iterable[bytes] = ()) -> tuple[int, dict]:
+def _raw_http(serve: PdServeProcess, head: bytes, chunks: Iterable[bytes] = ()) -> tuple[int, dict]:
     """Send a request byte by byte (httpx would refuse to lie about Content-Length)."""
     with socket.create_connection(("127.0.0.1", serve.port), timeout=60) as sock:
         sock.sendall(head)
@@ -375,26 +299,6 @@ def test_client_kv_transfer_params_are_ignored(serve, client):
             trap.accept()  # nobody came
 
 
-def actor_infos(serve: PdServe) -> dict[str, dict]:
-    """Ask Ray (as a separate driver) for each instance actor's state, URL and pid."""
-    script = (
-        "import json, ray\n"
-        "ray.init(address='auto', namespace='pd', logging_level='ERROR')\n"
-        "infos = {}\n"
-        "for name in ('pd-prefill-0', 'pd-decode-0'):\n"
-        "    info = ray.get(ray.get_actor(name).info.remote())\n"
-        "    infos[name] = {'state': info.state, 'url': info.url, 'pid': info.pid,\n"
-        "                   'niceness': info.niceness}\n"
-        "print(json.dumps(infos))\n"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-        env=serve.ray_env,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
 def test_named_actors_exist_in_ray(serve):
     infos = actor_infos(serve)
     for name in ("pd-prefill-0", "pd-decode-0"):
@@ -420,14 +324,8 @@ def test_crashed_instance_restarts_and_rejoins(serve, client):
     def decode_count() -> int:
         return httpx.get(f"{serve.url}/health", timeout=10).json()["decode"]
 
-    deadline = time.monotonic() + 30
-    while decode_count() != 0:
-        assert time.monotonic() < deadline, "crashed decode stayed in rotation"
-        time.sleep(0.5)
-    deadline = time.monotonic() + 420
-    while decode_count() != 1:
-        assert time.monotonic() < deadline, f"decode did not rejoin:\n{serve.log()}"
-        time.sleep(2)
+    assert wait_for(lambda: decode_count() == 0, 30), "crashed decode stayed in rotation"
+    assert wait_for(lambda: decode_count() == 1, 420, 2), f"decode did not rejoin:\n{serve.log()}"
     after = actor_infos(serve)["pd-decode-0"]
     assert after["url"] != before["url"] and after["state"] == "ready"
     reply = client.completions.create(model=SERVED, prompt=PROMPT, **GREEDY)
@@ -435,7 +333,7 @@ def test_crashed_instance_restarts_and_rejoins(serve, client):
 
 
 def test_client_disconnect_aborts_the_request(serve, client):
-    decode_url = actor_infos(serve)["pd-decode-0"]["url"]
+    decode_url = serve.instances()["pd-decode-0"].url
 
     def decode_metric(name: str) -> float:
         text = httpx.get(f"{decode_url}/metrics", timeout=10).text
@@ -448,16 +346,15 @@ def test_client_disconnect_aborts_the_request(serve, client):
     )  # fmt: skip
     next(iter(stream))  # the request is decoding now
     stream.close()  # the client goes away
-    deadline = time.monotonic() + 30
-    while decode_metric("vllm:num_requests_running") > 0:
-        assert time.monotonic() < deadline, "decode kept running the abandoned request"
-        time.sleep(0.2)
+    assert wait_for(lambda: decode_metric("vllm:num_requests_running") <= 0, 30, 0.2), (
+        "decode kept running the abandoned request"
+    )
     assert decode_metric("vllm:generation_tokens_total") - generated_before < 1500
 
 
 def test_sigterm_stops_everything(serve):
-    instance_urls = [info["url"] for info in actor_infos(serve).values()]
-    assert serve.terminate() == 0, serve.log()
+    instance_urls = [instance.url for instance in serve.instances().values()]
+    assert serve.stop(signal.SIGTERM) == 0, serve.log()
     for url in [serve.url, *instance_urls]:
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"{url}/health", timeout=5)

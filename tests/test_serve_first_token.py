@@ -13,15 +13,8 @@ import asyncio
 import pytest
 from openai import AsyncOpenAI
 
-from tests.test_serve_e2e import (
-    GREEDY,
-    MESSAGES,
-    PROMPT,
-    SERVED,
-    grew,
-    local_cluster,
-    proxy_metrics,
-)
+from pd.serve_process import PdServeProcess
+from tests.harness.openai_api import GREEDY, MESSAGES, PROMPT, SERVED, grew, proxy_metrics
 
 pytestmark = pytest.mark.engines
 
@@ -29,9 +22,8 @@ USAGE = {"stream_options": {"include_usage": True}}
 
 
 @pytest.fixture(scope="module")
-def serve():
-    with local_cluster(flow="first-token") as server:
-        yield server
+def serve(first_token_cluster) -> PdServeProcess:
+    return first_token_cluster
 
 
 async def read_stream(stream) -> tuple[str, object, set[str]]:

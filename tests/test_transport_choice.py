@@ -18,7 +18,7 @@ from pd.transfer.metadata import LoadSpec
 from pd.transfer.side_channel import SideChannelServer
 from pd.transfer.stats import TransferCounters
 from pd.transfer.transport import get_transport_class
-from tests.kv_layouts import make_layout
+from tests.harness.kv_layouts import make_layout
 
 PREFILL_ENGINE = "prefill-engine"
 

@@ -18,7 +18,7 @@ from pd.transfer.layout import KVCacheLayout
 from pd.transfer.lease import LeaseTable
 from pd.transfer.transport import TransferError, get_transport_class
 from pd.vllm_server import free_port
-from tests.kv_layouts import BLOCK_SIZE, NUM_BLOCKS, make_layout
+from tests.harness.kv_layouts import BLOCK_SIZE, NUM_BLOCKS, make_layout
 
 
 @pytest.fixture(params=["zmq", "nixl"])

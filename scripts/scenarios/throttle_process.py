@@ -1,6 +1,6 @@
 """Throttle a process group: continue it for ``run_s``, stop it for ``stop_s``, repeat.
 
-    python tests/throttle.py PGID RUN_S STOP_S
+    python scripts/scenarios/throttle_process.py PGID RUN_S STOP_S
 
 Run as its own process so that the duty cycle does not depend on the test process
 being scheduled: a process that only sleeps and signals is woken promptly even on a

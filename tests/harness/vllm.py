@@ -8,7 +8,9 @@ from pathlib import Path
 
 from pd.vllm_server import VllmServer
 
-__all__ = ["PD_KV_CONFIG", "test_server"]
+__all__ = ["PD_KV_CONFIG", "started", "test_server"]
+
+started = [0]  # vLLM servers started this session (reported by conftest)
 
 PD_KV_CONFIG = {
     "kv_connector": "PDConnector",
@@ -36,6 +38,7 @@ def test_server(
     if cpu is not None:
         env["VLLM_CPU_OMP_THREADS_BIND"] = cpu
     log_path = Path(tempfile.mkdtemp(prefix=f"pd-{name}-")) / "server.log"
+    started[0] += 1
     return VllmServer(name, str(model), args=cli, env=env, log_path=log_path).start()
 
 
