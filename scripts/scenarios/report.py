@@ -153,7 +153,7 @@ def render(
         bad = [o for o in r.outcomes if o.kind in ("lost", "hung")]
         for o in bad[:10]:
             lines.append(f"- {o.kind} request ({o.elapsed_s:.1f} s): `{o.detail[:200]}`")
-        errors = {}
+        errors: dict[int | None, int] = {}
         for o in r.outcomes:
             if o.kind == "error":
                 errors[o.status] = errors.get(o.status, 0) + 1
