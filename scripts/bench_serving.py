@@ -72,7 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown workloads: {' '.join(sorted(unknown))}")
     command = " ".join(["python scripts/bench_serving.py", *sys.argv[1:]])
-    run(systems, workloads, settings, out_dir, command, merge=args.merge)
+    results, failed = run(systems, workloads, settings, out_dir, command, merge=args.merge)
+    if args.smoke:  # every part must work, down to each request
+        failed += [f"{s} on {w}" for w, rows in results.items() for s, r in rows.items()
+                   if "error" in r and s not in failed]  # fmt: skip
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 

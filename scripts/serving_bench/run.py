@@ -23,9 +23,11 @@ from .systems import PdServe, make_system
 def run(
     systems: list[str], workloads: list[str], settings: Settings, out_dir: Path,
     command: str, merge: bool = False,
-) -> Results:  # fmt: skip
+) -> tuple[Results, list[str]]:  # fmt: skip
     """Benchmark ``systems`` on the named ``workloads`` and write the report to
-    ``out_dir``; with ``merge``, keep the rows of its serving.json this run does not redo."""
+    ``out_dir``; with ``merge``, keep the rows of its serving.json this run does not redo.
+    Returns the results and the systems that failed to start or to be probed (a workload
+    that overloads a system is a result, not a failure)."""
     if shutil.which("pgrep") and subprocess.run(["pgrep", "-f", "vllm serve"]).returncode == 0:
         print("warning: another `vllm serve` is running; results will be disturbed")
     model = make_model(settings.model_preset)
@@ -41,6 +43,7 @@ def run(
         overhead = {k: v for k, v in earlier["overhead"].items() if k not in systems}
         commands = earlier.get("commands", [])
     commands.append(command)
+    failed: list[str] = []
     for name in systems:
         system = make_system(name, settings)
         workdir = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
@@ -63,6 +66,7 @@ def run(
                 print(f"   overhead: {overhead[name]}", flush=True)
         except Exception as e:
             print(f"   {name} failed: {e!r}", flush=True)
+            failed.append(name)
             traceback.print_exc()
             for workload in settings.workloads:
                 if workload.name in workloads:
@@ -71,4 +75,4 @@ def run(
             system.stop()
     write_report(results, overhead, commands, settings, out_dir)
     print(f"wrote {out_dir / 'serving.md'}")
-    return results
+    return results, failed
