@@ -3,12 +3,14 @@
 Moves the KV cache of a 4k-token prompt shaped like Llama-3-8B (32 layers, 8 KV
 heads, head dim 128, bf16: 512 MiB in 16-token blocks, 64 regions of 32 KiB blocks)
 from a "prefill" process to a "decode" process on loopback, through each of pd's
-transports exactly as the connector uses them. In the same run, as baselines, the same
-bytes go over a plain TCP socket (``sendall`` -> ``recv_into`` a preallocated
-buffer) and through a plain in-process memcpy. Prints GB/s for each and the ratio
-transport / raw TCP, and writes bench/results/transfer.md.
+transports exactly as the connector uses them (the prefill side serves only blocks its
+lease table allows). In the same run, as baselines, the same bytes go over a plain TCP
+socket (``sendall`` -> ``recv_into`` a preallocated buffer) and through a plain
+in-process memcpy. Prints GB/s for each and the ratio transport / raw TCP, and writes
+bench/results/transfer.md.
 
     .venv/bin/python scripts/bench_transfer.py [--repeats 5] [--out bench/results/transfer.md]
+    .venv/bin/python scripts/bench_transfer.py --smoke   # tiny KV, seconds; writes to /tmp
     python scripts/bench_transfer.py --device cuda --out bench/results/transfer-gpu.md
 
 With ``--device cuda`` (a CUDA machine; vLLM is not needed) the caches live in GPU
@@ -19,116 +21,161 @@ device-to-device copy and a pinned host -> device copy of the same bytes.
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
+import os
 import platform
 import random
 import socket
 import statistics
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import torch
+from child_process import ChildProcess
 
-NUM_LAYERS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
-PROMPT_TOKENS = 4096
-NUM_REQUEST_BLOCKS = PROMPT_TOKENS // BLOCK_SIZE  # 256
-NUM_CACHE_BLOCKS = NUM_REQUEST_BLOCKS + 64
 DTYPE = torch.bfloat16
+RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
+START_TIMEOUT_S = 300  # a child fills 512 MiB of caches before it answers; slow when loaded
+STEP_TIMEOUT_S = 60
 
 
-def make_caches(fill: bool, device: str = "cpu") -> dict[str, torch.Tensor]:
+@dataclass(frozen=True)
+class KVShape:
+    """The KV cache being moved: one prompt's blocks in a cache with some to spare."""
+
+    num_layers: int = 32
+    num_kv_heads: int = 8
+    head_dim: int = 128
+    block_size: int = 16
+    prompt_tokens: int = 4096
+
+    @property
+    def num_request_blocks(self) -> int:
+        return self.prompt_tokens // self.block_size
+
+    @property
+    def num_cache_blocks(self) -> int:
+        return self.num_request_blocks + 64
+
+    @property
+    def payload_nbytes(self) -> int:
+        """K and V of the request's blocks in every layer, bf16."""
+        per_block = self.block_size * self.num_kv_heads * self.head_dim * DTYPE.itemsize
+        return 2 * self.num_layers * self.num_request_blocks * per_block
+
+    def describe(self) -> str:
+        return (
+            f"{self.payload_nbytes / 2**20:.3g} MiB, the KV of a {self.prompt_tokens}-token "
+            f"prompt ({self.num_layers} layers, {self.num_kv_heads} KV heads, head dim "
+            f"{self.head_dim}, bf16) in {self.num_request_blocks} blocks of "
+            f"{self.block_size} tokens"
+        )
+
+
+LLAMA_3_8B = KVShape()
+SMOKE = KVShape(num_layers=2, num_kv_heads=2, head_dim=32, prompt_tokens=256)
+
+
+def make_caches(shape: KVShape, fill: bool, device: str = "cpu") -> dict[str, torch.Tensor]:
     """vLLM's GPU-style per-layer layout: (2, num_blocks, block_size, heads, dim)."""
-    shape = (2, NUM_CACHE_BLOCKS, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
+    dims = (2, shape.num_cache_blocks, shape.block_size, shape.num_kv_heads, shape.head_dim)
     gen = torch.Generator().manual_seed(0)
     return {
         f"model.layers.{i}.self_attn": (
-            torch.randn(shape, generator=gen, dtype=torch.float32).to(DTYPE)
+            torch.randn(dims, generator=gen, dtype=torch.float32).to(DTYPE)
             if fill
-            else torch.zeros(shape, dtype=DTYPE)
+            else torch.zeros(dims, dtype=DTYPE)
         ).to(device)
-        for i in range(NUM_LAYERS)
+        for i in range(shape.num_layers)
     }
 
 
-def payload_nbytes() -> int:
-    return 2 * NUM_LAYERS * NUM_REQUEST_BLOCKS * BLOCK_SIZE * NUM_KV_HEADS * HEAD_DIM * 2
-
-
-def block_ids(pattern: str, seed: int) -> tuple[list[int], list[int]]:
+def block_ids(shape: KVShape, pattern: str, seed: int) -> tuple[list[int], list[int]]:
+    n = shape.num_request_blocks
     if pattern == "contiguous":
-        return list(range(8, 8 + NUM_REQUEST_BLOCKS)), list(range(40, 40 + NUM_REQUEST_BLOCKS))
+        return list(range(8, 8 + n)), list(range(40, 40 + n))
     rng = random.Random(seed)
     return (
-        rng.sample(range(NUM_CACHE_BLOCKS), NUM_REQUEST_BLOCKS),
-        rng.sample(range(NUM_CACHE_BLOCKS), NUM_REQUEST_BLOCKS),
+        rng.sample(range(shape.num_cache_blocks), n),
+        rng.sample(range(shape.num_cache_blocks), n),
     )
 
 
 # --- pd transport ------------------------------------------------------------------------
 
 
-def prefill_process(conn, transport_name: str, device: str) -> None:
+def prefill_process(conn: Connection, transport_name: str, shape: KVShape, device: str) -> None:
+    """Serves its caches through the transport; grants a lease per request it is sent."""
     from pd.transfer.layout import KVCacheLayout
     from pd.transfer.lease import LeaseTable
     from pd.transfer.transport import get_transport_class
 
     torch.set_num_threads(1)
-    caches = make_caches(fill=True, device=device)
-    layout = KVCacheLayout.from_kv_caches(caches, NUM_CACHE_BLOCKS, BLOCK_SIZE)
+    caches = make_caches(shape, fill=True, device=device)
+    layout = KVCacheLayout.from_kv_caches(caches, shape.num_cache_blocks, shape.block_size)
     leases = LeaseTable(lease_timeout_s=3600)
     transport = get_transport_class(transport_name)(layout, "127.0.0.1")
-    transport.start(leases.covers)
+    transport.start(leases.may_read)
     conn.send(transport.metadata())
-    while (message := conn.recv()) is not None:
-        request_id, ids = message
-        leases.grant(request_id, ids)
-        conn.send("granted")
-    # Checksums of the blocks the decode side will verify.
-    transport.close()
+    try:
+        while (message := conn.recv()) is not None:
+            request_id, ids = message
+            leases.grant(request_id, ids)
+            conn.send("granted")
+    finally:
+        transport.close()
 
 
 def bench_transport(
-    transport_name: str, pattern: str, repeats: int, device: str = "cpu"
-) -> list[float]:
+    transport_name: str, patterns: list[str], repeats: int, shape: KVShape, device: str = "cpu"
+) -> dict[str, list[float]]:
+    """Seconds per read of the request's blocks, per block id pattern (one prefill child)."""
     from pd.transfer.layout import KVCacheLayout
     from pd.transfer.transport import get_transport_class
 
-    ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=prefill_process, args=(child, transport_name, device), daemon=True)
-    proc.start()
-    peer = parent.recv()
-    caches = make_caches(fill=False, device=device)
-    layout = KVCacheLayout.from_kv_caches(caches, NUM_CACHE_BLOCKS, BLOCK_SIZE)
-    transport = get_transport_class(transport_name)(layout, "127.0.0.1")
-    transport.start(lambda *_: False)
-    reference = make_caches(fill=True, device=device)
-    seconds = []
-    try:
-        for attempt in range(repeats + 1):  # the first is a warm-up
-            src, dst = block_ids(pattern, seed=attempt)
-            request_id = f"bench-{attempt}"
-            parent.send((request_id, src))
-            assert parent.recv() == "granted"
-            started = time.perf_counter()
-            nbytes = transport.read_blocks(peer, request_id, src, dst, time.monotonic() + 120)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            elapsed = time.perf_counter() - started
-            assert nbytes == payload_nbytes(), nbytes
-            if attempt == 0:
-                verify(reference, caches, src, dst)
-            else:
-                seconds.append(elapsed)
-    finally:
-        parent.send(None)
-        proc.join(timeout=30)
-        transport.close()
+    with ChildProcess(prefill_process, transport_name, shape, device) as prefill:
+        peer = prefill.recv(timeout_s=START_TIMEOUT_S)
+        caches = make_caches(shape, fill=False, device=device)
+        layout = KVCacheLayout.from_kv_caches(caches, shape.num_cache_blocks, shape.block_size)
+        transport = get_transport_class(transport_name)(layout, "127.0.0.1")
+        transport.start(lambda *_: False)  # this side serves nothing
+        reference = make_caches(shape, fill=True, device=device)
+        seconds: dict[str, list[float]] = {pattern: [] for pattern in patterns}
+        try:
+            for pattern in patterns:
+                for attempt in range(repeats + 1):  # the first is a warm-up
+                    src, dst = block_ids(shape, pattern, seed=attempt)
+                    request_id = f"bench-{pattern}-{attempt}"
+                    prefill.send((request_id, src))
+                    if (answer := prefill.recv(timeout_s=STEP_TIMEOUT_S)) != "granted":
+                        raise RuntimeError(f"prefill process answered {answer!r}")
+                    started = time.perf_counter()
+                    deadline = time.monotonic() + STEP_TIMEOUT_S
+                    nbytes = transport.read_blocks(peer, request_id, src, dst, deadline)
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                    elapsed = time.perf_counter() - started
+                    if nbytes != shape.payload_nbytes:
+                        raise RuntimeError(f"{nbytes} bytes moved, {shape.payload_nbytes} expected")
+                    if attempt == 0:
+                        verify(reference, caches, src, dst)
+                    else:
+                        seconds[pattern].append(elapsed)
+            prefill.send(None)
+        finally:
+            transport.close()
     return seconds
 
 
-def verify(reference, caches, src, dst) -> None:
+def verify(
+    reference: dict[str, torch.Tensor],
+    caches: dict[str, torch.Tensor],
+    src: list[int],
+    dst: list[int],
+) -> None:
     for name in reference:
         if not torch.equal(reference[name][:, src], caches[name][:, dst]):
             raise AssertionError(f"bytes differ in {name}")
@@ -137,44 +184,44 @@ def verify(reference, caches, src, dst) -> None:
 # --- baselines ---------------------------------------------------------------------------
 
 
-def tcp_sender(port_conn, repeats: int) -> None:
-    data = torch.randint(0, 255, (payload_nbytes(),), dtype=torch.uint8).numpy()
+def tcp_sender(conn: Connection, nbytes: int, repeats: int) -> None:
+    data = torch.randint(0, 255, (nbytes,), dtype=torch.uint8).numpy()
     with socket.create_server(("127.0.0.1", 0)) as server:
-        port_conn.send(server.getsockname()[1])
-        conn, _ = server.accept()
-        with conn:
+        conn.send(server.getsockname()[1])
+        sock, _ = server.accept()
+        with sock:
             for _ in range(repeats + 1):
-                conn.recv(1)  # "go"
-                conn.sendall(memoryview(data))
+                sock.recv(1)  # "go"
+                sock.sendall(data.data)
 
 
-def bench_raw_tcp(repeats: int) -> list[float]:
-    ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=tcp_sender, args=(child, repeats), daemon=True)
-    proc.start()
-    port = parent.recv()
-    buffer = torch.empty(payload_nbytes(), dtype=torch.uint8).numpy()
-    view = memoryview(buffer)
-    seconds = []
-    with socket.create_connection(("127.0.0.1", port)) as sock:
-        for attempt in range(repeats + 1):
-            started = time.perf_counter()
-            sock.sendall(b"g")
-            received = 0
-            while received < len(view):
-                received += sock.recv_into(view[received:])
-            if attempt:
-                seconds.append(time.perf_counter() - started)
-    proc.join(timeout=30)
+def bench_raw_tcp(repeats: int, shape: KVShape) -> list[float]:
+    with ChildProcess(tcp_sender, shape.payload_nbytes, repeats) as sender:
+        port = sender.recv(timeout_s=START_TIMEOUT_S)
+        buffer = torch.empty(shape.payload_nbytes, dtype=torch.uint8).numpy()
+        view = buffer.data
+        seconds = []
+        with socket.create_connection(("127.0.0.1", port), timeout=STEP_TIMEOUT_S) as sock:
+            for attempt in range(repeats + 1):
+                started = time.perf_counter()
+                sock.sendall(b"g")
+                received = 0
+                while received < len(view):
+                    if not (chunk := sock.recv_into(view[received:])):
+                        raise RuntimeError("the TCP sender closed the connection early")
+                    received += chunk
+                if attempt:
+                    seconds.append(time.perf_counter() - started)
     return seconds
 
 
-def bench_copy(repeats: int, src_device: str, dst_device: str, pinned: bool = False):
+def bench_copy(
+    repeats: int, shape: KVShape, src_device: str, dst_device: str, pinned: bool = False
+) -> list[float]:
     """One contiguous copy of the payload (memcpy on CPU, copy engines or HBM on GPU)."""
-    src = torch.randint(0, 255, (payload_nbytes(),), dtype=torch.uint8)
+    src = torch.randint(0, 255, (shape.payload_nbytes,), dtype=torch.uint8)
     src = src.pin_memory() if pinned else src.to(src_device)
-    dst = torch.empty(payload_nbytes(), dtype=torch.uint8, device=dst_device)
+    dst = torch.empty(shape.payload_nbytes, dtype=torch.uint8, device=dst_device)
     seconds = []
     for attempt in range(repeats + 1):
         started = time.perf_counter()
@@ -188,48 +235,56 @@ def bench_copy(repeats: int, src_device: str, dst_device: str, pinned: bool = Fa
 
 # --- report ------------------------------------------------------------------------------
 
-
-def gbps(seconds: list[float]) -> float:
-    return payload_nbytes() / statistics.median(seconds) / 1e9
+TCP_ROW = "raw TCP socket (baseline)"
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=Path("bench/results/transfer.md"))
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    device, repeats = args.device, args.repeats
+def run_all(repeats: int, shape: KVShape, device: str) -> tuple[list[tuple[str, list[float]]], str]:
+    """Every row of the table (name, seconds per repeat) and a note on skipped ones."""
+    from pd.transfer.transport.nixl import nixl_available
 
-    rows: list[tuple[str, list[float]]] = [
-        ("memcpy (one process)", bench_copy(repeats, "cpu", "cpu"))
-    ]
+    rows = [("memcpy (one process)", bench_copy(repeats, shape, "cpu", "cpu"))]
     if device == "cuda":
         rows += [
-            ("GPU -> GPU copy (one process)", bench_copy(repeats, "cuda", "cuda")),
-            ("pinned host -> GPU copy", bench_copy(repeats, "cpu", "cuda", pinned=True)),
+            ("GPU -> GPU copy (one process)", bench_copy(repeats, shape, "cuda", "cuda")),
+            ("pinned host -> GPU copy", bench_copy(repeats, shape, "cpu", "cuda", pinned=True)),
         ]
-    rows.append(("raw TCP socket (baseline)", bench_raw_tcp(repeats)))
-    for transport in ("zmq", "nixl"):
-        for pattern in ("contiguous", "scattered"):
-            seconds = bench_transport(transport, pattern, repeats, device)
-            rows.append((f"pd {transport}, {pattern} block ids", seconds))
-    tcp = gbps(dict(rows)["raw TCP socket (baseline)"])
-    command = "python scripts/bench_transfer.py " + " ".join(sys.argv[1:])
+    rows.append((TCP_ROW, bench_raw_tcp(repeats, shape)))
+    transports, note = ["zmq", "nixl"], ""
+    if not nixl_available():
+        transports, note = ["zmq"], "NIXL does not import here: no NIXL rows."
+    for transport in transports:
+        patterns = ["contiguous", "scattered"]
+        by_pattern = bench_transport(transport, patterns, repeats, shape, device)
+        rows += [(f"pd {transport}, {p} block ids", by_pattern[p]) for p in patterns]
+    return rows, note
+
+
+def report(
+    rows: list[tuple[str, list[float]]],
+    shape: KVShape,
+    device: str,
+    repeats: int,
+    loads: tuple[tuple[float, ...], tuple[float, ...]],
+    note: str,
+) -> str:
+    def gbps(seconds: list[float]) -> float:
+        return shape.payload_nbytes / statistics.median(seconds) / 1e9
+
+    tcp = gbps(dict(rows)[TCP_ROW])
+    command = " ".join([".venv/bin/python scripts/bench_transfer.py", *sys.argv[1:]])
+    (before, after) = (" / ".join(f"{x:.2f}" for x in load) for load in loads)
     lines = [
         "# KV transfer benchmark",
         "",
-        f"Command: `{command.strip()}`",
+        f"Command: `{command}`",
         "",
-        f"Payload: {payload_nbytes() / 2**20:.0f} MiB, the KV of a {PROMPT_TOKENS}-token prompt "
-        f"shaped like Llama-3-8B ({NUM_LAYERS} layers, {NUM_KV_HEADS} KV heads, head dim "
-        f"{HEAD_DIM}, bf16) in {NUM_REQUEST_BLOCKS} blocks of {BLOCK_SIZE} tokens, in "
-        f"{device} memory; two processes on loopback. Median of "
-        f"{args.repeats} runs after a warm-up; bytes verified on the warm-up.",
+        f"Payload: {shape.describe()}, in {device} memory; two processes on loopback"
+        f"{' (UCX_NET_DEVICES=lo, as pd sets for a local cluster)' if device == 'cpu' else ''}."
+        f" Median of {repeats} runs after a warm-up; bytes verified on the warm-up.",
         "",
-        f"Machine: {platform.machine()}, {mp.cpu_count()} cores, Python "
-        f"{platform.python_version()}, torch {torch.__version__}.",
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python "
+        f"{platform.python_version()}, torch {torch.__version__}. Load average (1, 5, 15 min) "
+        f"at the start: {before}; at the end: {after}.",
         "",
         "| path | median ms | GB/s | ratio to raw TCP |",
         "| --- | ---: | ---: | ---: |",
@@ -239,10 +294,39 @@ def main() -> int:
         lines.append(
             f"| {name} | {1000 * statistics.median(seconds):.1f} | {rate:.2f} | {rate / tcp:.2f} |"
         )
-    report = "\n".join(lines) + "\n"
-    print(report)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report)
+    if note:
+        lines += ["", note]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=None, help="default: " + str(RESULTS))
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument(
+        "--smoke", action="store_true", help="a tiny KV cache and 1 repeat, written to /tmp"
+    )
+    args = parser.parse_args()
+    if args.smoke:
+        out = args.out or Path(tempfile.gettempdir()) / "pd-bench-transfer-smoke.md"
+        if out.resolve().is_relative_to(RESULTS):
+            parser.error("--smoke results are not benchmark results: pick an --out elsewhere")
+        shape, repeats = SMOKE, 1
+    else:
+        out = args.out or RESULTS / ("transfer.md" if args.device == "cpu" else "transfer-gpu.md")
+        shape, repeats = LLAMA_3_8B, args.repeats
+    if args.device == "cpu":
+        os.environ.setdefault("UCX_NET_DEVICES", "lo")  # inherited by the children
+    torch.set_num_threads(1)
+
+    load_before = os.getloadavg()
+    rows, note = run_all(repeats, shape, args.device)
+    text = report(rows, shape, args.device, repeats, (load_before, os.getloadavg()), note)
+    print(text)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(f"written to {out}")
     return 0
 
 

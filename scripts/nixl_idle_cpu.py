@@ -7,18 +7,23 @@ waits, and reads the process's CPU time over an idle window (from /proc via
 ``resource.getrusage``), then prints % of one core for each.
 
     .venv/bin/python scripts/nixl_idle_cpu.py [--seconds 5]
+    .venv/bin/python scripts/nixl_idle_cpu.py --smoke   # a short window: checks it runs
 """
 
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import resource
 import sys
 import time
+from multiprocessing.connection import Connection
+
+from child_process import ChildProcess
+
+SETTLE_S = 1.0  # start-up work of the agent, not counted
 
 
-def idle_cpu_percent(kind: str, seconds: float, conn) -> None:
+def idle_cpu_percent(conn: Connection, kind: str, seconds: float, settle_s: float) -> None:
     import torch
 
     from pd.transfer.layout import KVCacheLayout
@@ -34,7 +39,7 @@ def idle_cpu_percent(kind: str, seconds: float, conn) -> None:
 
         agent = nixl_agent("stock")  # NIXL's defaults: UCX backend, progress thread delay 0
         agent.register_memory([cache["layer"]])
-    time.sleep(1.0)  # let start-up settle
+    time.sleep(settle_s)
     before = resource.getrusage(resource.RUSAGE_SELF)
     started = time.monotonic()
     time.sleep(seconds)
@@ -43,23 +48,27 @@ def idle_cpu_percent(kind: str, seconds: float, conn) -> None:
     conn.send(100 * cpu_s / (time.monotonic() - started))
 
 
-def measure(kind: str, seconds: float) -> float:
-    ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=idle_cpu_percent, args=(kind, seconds, child))
-    proc.start()
-    value = parent.recv()
-    proc.join()
-    return value
+def measure(kind: str, seconds: float, settle_s: float) -> float:
+    with ChildProcess(idle_cpu_percent, kind, seconds, settle_s) as child:
+        # Start-up (torch, NIXL, UCX) takes seconds, more on a loaded machine.
+        percent: float = child.recv(timeout_s=120 + settle_s + seconds)
+    return percent
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=5.0)
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=5.0, help="idle window measured")
+    parser.add_argument("--smoke", action="store_true", help="a 0.5 s window, little settling")
     args = parser.parse_args()
-    pd_percent = measure("pd", args.seconds)
-    stock_percent = measure("stock", args.seconds)
-    print(f"idle NIXL agent, % of one core over {args.seconds:g} s:")
+    from pd.transfer.transport.nixl import nixl_available
+
+    if not nixl_available():
+        print("NIXL does not import here (scripts/setup.sh installs it)", file=sys.stderr)
+        return 2
+    seconds, settle_s = (0.5, 0.2) if args.smoke else (args.seconds, SETTLE_S)
+    pd_percent = measure("pd", seconds, settle_s)
+    stock_percent = measure("stock", seconds, settle_s)
+    print(f"idle NIXL agent, % of one core over {seconds:g} s:")
     print(f"  pd (progress thread delay 1 ms): {pd_percent:5.1f}%")
     print(f"  NIXL default (delay 0):          {stock_percent:5.1f}%")
     return 0

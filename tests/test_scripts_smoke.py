@@ -1,25 +1,126 @@
-"""The scripts users are told to run, in their smoke modes: a renamed method breaks CI."""
+"""Every script the README tells users to run, run the way a user would, in smoke mode.
+
+Each runs in its own process (`python scripts/X.py --smoke ...`) so that an API the
+script uses and that was renamed breaks this test, not a user. A script's smoke mode
+uses tiny sizes and writes its results under the test's temporary directory, never
+over bench/results/.
+
+To cover another script, add one ``ScriptSmoke`` to ``SMOKES``: its arguments (``{out}``
+stands for the temporary directory), whether it starts engines, and a check of what it
+produced.
+"""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from pd.transfer.transport.nixl import nixl_available
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.engines
-def test_reliability_smoke(tmp_path):
-    report = tmp_path / "reliability.md"
-    result = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "reliability.py"), "--smoke", "--output",
-         str(report)],
-        capture_output=True, text=True, timeout=800,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    text = report.read_text()
+@dataclass(frozen=True)
+class ScriptSmoke:
+    script: str  # under scripts/
+    args: tuple[str, ...]
+    # Called with the finished run and the temporary directory; asserts what it produced.
+    check: Callable[[subprocess.CompletedProcess[str], Path], None]
+    engines: bool = False  # starts vLLM engines, Ray or pd-serve
+    timeout_s: float = 300
+    expected_returncode: Callable[[], int] = lambda: 0
+
+
+def table_rows(markdown: str) -> dict[str, list[str]]:
+    """A markdown table's body rows, by first cell."""
+    rows = {}
+    for line in markdown.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] not in ("path", "---"):
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def check_bench_transfer(run: subprocess.CompletedProcess[str], out: Path) -> None:
+    report = (out / "transfer.md").read_text()
+    assert "Command: `.venv/bin/python scripts/bench_transfer.py --smoke" in report
+    rows = table_rows(report)
+    transports = ["zmq", "nixl"] if nixl_available() else ["zmq"]
+    expected = ["memcpy (one process)", "raw TCP socket (baseline)"] + [
+        f"pd {t}, {p} block ids" for t in transports for p in ("contiguous", "scattered")
+    ]
+    assert list(rows) == expected
+    for name, (_ms, gbps, ratio) in rows.items():
+        assert float(gbps) > 0 and float(ratio) > 0, (name, gbps, ratio)
+    assert rows["raw TCP socket (baseline)"][2] == "1.00"
+
+
+def check_nixl_idle_cpu(run: subprocess.CompletedProcess[str], out: Path) -> None:
+    if not nixl_available():
+        assert "NIXL does not import here" in run.stderr
+        return
+    percents = re.findall(r"^\s+(pd|NIXL default) .*:\s+([\d.]+)%$", run.stdout, re.MULTILINE)
+    assert [kind for kind, _ in percents] == ["pd", "NIXL default"], run.stdout
+    assert all(float(p) >= 0 for _, p in percents)
+
+
+def check_pd_pair(run: subprocess.CompletedProcess[str], out: Path) -> None:
+    # The script itself exits 1 unless decode loaded the prompt's KV from prefill.
+    assert "prefill returned kv_transfer_params:" in run.stdout
+    assert "decode answered:" in run.stdout
+    counters = re.search(r"decode connector counters: (.*)", run.stdout)
+    assert counters and "'vllm:pd_kv_transfers_total': 1.0" in counters.group(1), run.stdout
+
+
+def check_reliability(run: subprocess.CompletedProcess[str], out: Path) -> None:
+    text = (out / "reliability.md").read_text()
     assert "| request_deadline |" in text and "| load_4_clients_5s |" in text, text
     assert "FAILED" not in text, text
+
+
+SMOKES = [
+    ScriptSmoke(
+        "bench_transfer.py", ("--smoke", "--out", "{out}/transfer.md"), check_bench_transfer
+    ),
+    ScriptSmoke(
+        "nixl_idle_cpu.py",
+        ("--smoke",),
+        check_nixl_idle_cpu,
+        expected_returncode=lambda: 0 if nixl_available() else 2,
+    ),
+    ScriptSmoke("pd_pair.py", ("--smoke",), check_pd_pair, engines=True, timeout_s=600),
+    ScriptSmoke(
+        "reliability.py",
+        ("--smoke", "--output", "{out}/reliability.md"),
+        check_reliability,
+        engines=True,
+        timeout_s=800,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "smoke",
+    [
+        pytest.param(s, id=s.script, marks=[pytest.mark.engines] if s.engines else [])
+        for s in SMOKES
+    ],
+)
+def test_script_smoke(smoke: ScriptSmoke, tmp_path: Path) -> None:
+    command = [
+        sys.executable,
+        str(REPO / "scripts" / smoke.script),
+        *(a.replace("{out}", str(tmp_path)) for a in smoke.args),
+    ]
+    run = subprocess.run(
+        command, cwd=REPO, capture_output=True, text=True, timeout=smoke.timeout_s, check=False
+    )
+    output = f"stdout:\n{run.stdout[-4000:]}\nstderr:\n{run.stderr[-4000:]}"
+    assert run.returncode == smoke.expected_returncode(), output
+    smoke.check(run, tmp_path)
