@@ -1,14 +1,17 @@
 """One ``vllm serve`` process: start it, wait until healthy, read its log, stop it.
 
-pd runs vLLM's own OpenAI server for every instance (as a child process of the
-instance's Ray actor, or of a test), so every OpenAI feature vLLM supports passes
-through unchanged, and vLLM's engine processes live and die in their own process
-group, which ``stop`` and ``kill`` end as a whole.
+pd runs vLLM's own OpenAI server for every instance (under the instance's Ray actor,
+or under a test), so every OpenAI feature vLLM supports passes through unchanged.
+It runs under ``pd.guardian``, which ends every process of the server (the API server
+and the EngineCore and workers it starts) when the server exits, when ``stop`` or
+``kill`` is called, or when the process that started it dies, however it dies. The
+API server leads its own process group, which holds vLLM's engine processes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -44,7 +47,12 @@ class VllmServer:
         args: list[str] | tuple[str, ...] = (),
         env: dict[str, str] | None = None,
         log_path: Path,
+        lock_path: Path | None = None,
+        lock_wait_s: float = 60,
     ) -> None:
+        """``lock_path``: a file the guardian holds locked for the server's whole life; a
+        second server with the same lock waits (at most ``lock_wait_s``) for the first
+        to be gone entirely before it starts."""
         self.name = name
         self.model = model
         self.host = host
@@ -55,23 +63,55 @@ class VllmServer:
             vllm_executable(), "serve", model, "--host", host, "--port", str(self.port), *args
         ]  # fmt: skip
         self._env = {**os.environ, **(env or {})}
-        self.proc: subprocess.Popen | None = None
+        self.lock_path = lock_path
+        self.lock_wait_s = lock_wait_s
+        self.proc: subprocess.Popen | None = None  # the guardian's shim (see pd.guardian)
+        self._pid: int | None = None
+        self._life_w: int | None = None
+        self._report_r: int | None = None
 
-    def start(self, die_with_parent: bool = False) -> VllmServer:
-        """Launch the server. ``die_with_parent``: SIGTERM it if our process dies (Linux),
-        so a killed Ray actor never leaves its vLLM server behind."""
+    def start(self) -> VllmServer:
+        """Launch the server under its guardian (see ``pd.guardian``)."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                self.command,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=self._env,
-                start_new_session=True,  # its own process group: stop() ends vLLM's children
-                preexec_fn=_terminate_with_parent if die_with_parent else None,
-            )
+        life_r, self._life_w = os.pipe()  # we hold the only write end: EOF = we died
+        self._report_r, report_w = os.pipe()
+        lock = ["--lock", str(self.lock_path), "--lock-wait-s", str(self.lock_wait_s)]
+        guardian = [
+            sys.executable, "-m", "pd.guardian", "--name", self.name,
+            "--life-fd", str(life_r), "--report-fd", str(report_w),
+            *(lock if self.lock_path else []),
+        ]  # fmt: skip
+        try:
+            with open(self.log_path, "ab") as log:
+                self.proc = subprocess.Popen(
+                    guardian,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    env=self._env,
+                    pass_fds=(life_r, report_w),
+                )
+        finally:
+            os.close(life_r)
+            os.close(report_w)
+        os.write(self._life_w, json.dumps(self.command).encode() + b"\n")
+        os.set_blocking(self._report_r, False)
         return self
+
+    @property
+    def pid(self) -> int | None:
+        """The vLLM API server's pid (its process group's id); None until it is launched
+        (the guardian may first wait for a previous incarnation to end)."""
+        if self._pid is None and self._report_r is not None:
+            try:
+                data = os.read(self._report_r, 64)
+            except BlockingIOError:
+                return None
+            if data.strip():
+                self._pid = int(data.split()[0])
+            os.close(self._report_r)
+            self._report_r = None
+        return self._pid
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -104,39 +144,49 @@ class VllmServer:
         return "\n".join(text.splitlines()[-lines:])
 
     def kill(self) -> None:
-        """SIGKILL the whole process group, as a crash would."""
-        self._signal(signal.SIGKILL, wait_s=30)
+        """SIGKILL the whole process group, as a crash would (the guardian then ends any
+        process that left the group)."""
+        if self.proc is None:
+            return
+        if self.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pid, signal.SIGKILL)
+        elif self.proc.poll() is None and self._life_w is not None:
+            with contextlib.suppress(OSError):  # not launched yet: tell it not to
+                os.write(self._life_w, b"stop 0\n")
+        self._wait_guardian(30)
 
     def stop(self, grace_s: float = 30) -> None:
-        """SIGTERM the process group; SIGKILL what is left after ``grace_s``."""
-        if not self._signal(signal.SIGTERM, wait_s=grace_s):
-            self.kill()
-
-    def _signal(self, sig: int, wait_s: float) -> bool:
+        """SIGTERM every process of the server; SIGKILL what is left after ``grace_s``."""
         if self.proc is None:
-            return True
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, sig)
+            return
+        if self.proc.poll() is None and self._life_w is not None:
+            with contextlib.suppress(OSError):
+                os.write(self._life_w, f"stop {grace_s}\n".encode())
+        self._wait_guardian(grace_s + 15)
+
+    def _wait_guardian(self, timeout_s: float) -> None:
+        assert self.proc is not None
         try:
-            self.proc.wait(timeout=wait_s)
-        except subprocess.TimeoutExpired:
-            return False
-        # vLLM's engine processes share the group; make sure none outlives the server.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        return True
+            self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:  # never seen; do not leave it running anyway
+            if self.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.pid, signal.SIGKILL)
+            self._close_life()  # EOF: the guardian ends whatever is left
+            self.proc.kill()
+            self.proc.wait()
+        self._close_life()
+
+    def _close_life(self) -> None:
+        if self._life_w is not None:
+            os.close(self._life_w)
+            self._life_w = None
 
     def metrics(self) -> dict[str, float]:
         """Prometheus samples as ``{"name{labels}": value}``, without model/engine labels."""
         text = httpx.get(f"{self.url}/metrics", timeout=10).text
         return parse_prometheus(text)
-
-
-def _terminate_with_parent() -> None:
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def parse_prometheus(text: str) -> dict[str, float]:

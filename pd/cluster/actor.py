@@ -1,10 +1,14 @@
 """The Ray actor behind each instance (``pd-prefill-0``, ``pd-decode-0``, ...).
 
-It runs vLLM's own OpenAI server (``vllm serve``) as a child process with pd's
-connector in the instance's role, and answers short questions about it. If that
-server crashes after it was healthy, the actor exits so Ray restarts it (a new
-server on a new port); a server that never became healthy is reported as failed
-instead, since restarting a broken configuration would only fail again.
+It runs vLLM's own OpenAI server (``vllm serve``) with pd's connector in the
+instance's role, and answers short questions about it. If that server crashes after
+it was healthy, the actor exits so Ray restarts it (a new server on a new port); a
+server that never became healthy is reported as failed instead, since restarting a
+broken configuration would only fail again.
+
+The server runs under a guardian (``pd.guardian``) that ends all of its processes when
+the actor dies, however it dies, and holds a per-instance lock meanwhile: a restarted
+actor's server starts only once every process of the previous incarnation has ended.
 """
 
 from __future__ import annotations
@@ -31,10 +35,21 @@ class InstanceInfo:
     role: str
     url: str
     state: str  # starting | ready | failed | stopped
-    pid: int | None
+    pid: int | None  # the vLLM API server's (its process group's id); None until launched
+    actor_pid: int  # the Ray worker process running this actor
     incarnation: int  # 0 at first start, +1 per Ray restart
     log_path: str
     niceness: int  # the vLLM server's CPU priority (0 normal; Ray's workers default to 15)
+
+
+def instance_lock_path(name: str) -> Path:
+    """The lock every incarnation of instance ``name`` holds on this node: one per Ray
+    cluster (session) and namespace, so other clusters on the machine never wait on it."""
+    import ray
+
+    context = ray.get_runtime_context()
+    session_dir = Path(context.get_temp_dir()) / context.get_session_name()
+    return session_dir / "pd-instances" / f"{context.namespace}.{name}.lock"
 
 
 class InstanceActor:
@@ -58,7 +73,8 @@ class InstanceActor:
             args=plan.vllm_args,
             env={**plan.env, "PD_HOST": host},
             log_path=Path(log_dir) / f"{plan.name}.log",
-        ).start(die_with_parent=True)
+            lock_path=instance_lock_path(plan.name),
+        ).start()
         threading.Thread(target=self._watch, name="pd-watch", daemon=True).start()
 
     def info(self) -> InstanceInfo:
@@ -67,7 +83,8 @@ class InstanceActor:
             role=self._plan.role,
             url=self._server.url,
             state=self._state,
-            pid=self._server.proc.pid if self._server.proc else None,
+            pid=self._server.pid,
+            actor_pid=os.getpid(),
             incarnation=self._incarnation,
             log_path=str(self._server.log_path),
             niceness=self._niceness,

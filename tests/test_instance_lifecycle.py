@@ -1,0 +1,390 @@
+"""No process of an instance outlives it: the guardian (pd.guardian) and pd-serve.
+
+The first tests run the guardian under ``VllmServer`` on plain commands (seconds, no
+engines). The ``engines`` tests run pd-serve on configs/local.yaml as a user does and
+end an instance's actor as Ray or the kernel would (ray.kill, SIGKILL of its worker),
+then Ctrl-C a pd-serve still starting up: each time every process the instance had
+(by process tree) is gone within a bounded time and none of its ports is still
+listened on; a restarted instance answers as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from pd.guardian import EXIT_LOCKED
+from pd.vllm_server import VllmServer, free_port
+
+REPO = Path(__file__).resolve().parents[1]
+GONE_WITHIN_S = 30  # the guardian's grace is 5 s; the rest is slack for a loaded machine
+# A command that leaves an orphan in a session of its own (as vLLM's engine does when its
+# API server dies), and one in its group, then waits.
+ORPHANING = (
+    "import subprocess, sys, time\n"
+    "subprocess.Popen(['sleep', '1000'], start_new_session=True)\n"
+    "subprocess.Popen(['sleep', '1000'])\n"
+    "print('started', flush=True)\n"
+    "time.sleep(1000)\n"
+)
+
+
+# --- what is left of a set of processes -----------------------------------------------
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Processes (pid with start time, so a reused pid is not mistaken) and their ports."""
+
+    processes: frozenset[tuple[int, float]]
+    listening: frozenset[int]
+    taken_at: float
+
+    @staticmethod
+    def of(roots: list[psutil.Process]) -> Snapshot:
+        procs: set[psutil.Process] = set()
+        for root in roots:
+            try:
+                procs |= {root, *root.children(recursive=True)}
+            except psutil.NoSuchProcess:
+                continue
+        keys, ports = set(), set()
+        for proc in procs:
+            try:
+                keys.add((proc.pid, proc.create_time()))
+                ports |= {
+                    c.laddr.port
+                    for c in proc.net_connections(kind="inet")
+                    if c.status == psutil.CONN_LISTEN
+                }
+            except psutil.NoSuchProcess:
+                continue
+        return Snapshot(frozenset(keys), frozenset(ports), time.time())
+
+    def alive(self) -> list[str]:
+        left = []
+        for pid, created in self.processes:
+            try:
+                proc = psutil.Process(pid)
+                if proc.create_time() == created and proc.status() != psutil.STATUS_ZOMBIE:
+                    left.append(f"{pid} {' '.join(proc.cmdline())[:120]}")
+            except psutil.NoSuchProcess:
+                continue
+        return left
+
+    def ports_still_listened(self) -> list[str]:
+        """Old ports a process listens on that did not start after the snapshot."""
+        held = []
+        for conn in psutil.net_connections(kind="inet"):
+            if conn.status != psutil.CONN_LISTEN or conn.laddr.port not in self.listening:
+                continue
+            try:
+                if conn.pid is not None and psutil.Process(conn.pid).create_time() > (
+                    self.taken_at
+                ):
+                    continue  # a new incarnation that happened to draw the same port
+            except psutil.NoSuchProcess:
+                continue
+            held.append(f"port {conn.laddr.port} (pid {conn.pid})")
+        return held
+
+    def wait_gone(self, what: str, timeout_s: float = GONE_WITHIN_S) -> None:
+        deadline = time.monotonic() + timeout_s
+        while (left := self.alive() + self.ports_still_listened()) and (
+            time.monotonic() < deadline
+        ):
+            time.sleep(0.5)
+        assert not left, f"{what}: still there after {timeout_s}s: {left}"
+
+
+# --- the guardian on plain commands ---------------------------------------------------
+
+
+def plain_server(tmp_path: Path, script: str = ORPHANING, **kwargs) -> VllmServer:
+    server = VllmServer("plain", "unused", log_path=tmp_path / "plain.log", **kwargs)
+    server.command = [sys.executable, "-c", script]
+    return server
+
+
+def wait_pid(server: VllmServer, timeout_s: float = 30) -> int:
+    deadline = time.monotonic() + timeout_s
+    while server.pid is None:
+        assert time.monotonic() < deadline, f"never launched:\n{server.log_tail()}"
+        time.sleep(0.05)
+    return server.pid
+
+
+def wait_started(server: VllmServer, children: int = 2) -> Snapshot:
+    proc = psutil.Process(wait_pid(server))
+    deadline = time.monotonic() + 30
+    while len(proc.children()) < children:
+        assert time.monotonic() < deadline, server.log_tail()
+        time.sleep(0.05)
+    return Snapshot.of([psutil.Process(server.proc.pid)])
+
+
+def test_orphans_of_a_crashed_command_are_ended(tmp_path):
+    server = plain_server(tmp_path).start()
+    left = wait_started(server)
+    os.killpg(server.pid, signal.SIGKILL)  # its group dies; the setsid'd child escapes it
+    server.proc.wait(timeout=GONE_WITHIN_S)
+    assert server.proc.returncode == 128 + signal.SIGKILL  # the command's own status
+    left.wait_gone("after the command was killed")
+
+
+def test_stop_ends_everything_even_when_stopped(tmp_path):
+    server = plain_server(tmp_path).start()
+    left = wait_started(server)
+    os.killpg(server.pid, signal.SIGSTOP)  # as the fault tests leave a group
+    started = time.monotonic()
+    server.stop(grace_s=20)
+    assert time.monotonic() - started < 15, "SIGTERM waited for the grace (no SIGCONT?)"
+    left.wait_gone("after stop()")
+
+
+def test_death_of_the_owner_ends_everything(tmp_path):
+    """SIGKILL of the process that started the server (as of a Ray actor's worker)."""
+    owner_script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from pd.vllm_server import VllmServer\n"
+        f"server = VllmServer('owned', 'unused', log_path=Path({str(tmp_path)!r}) / 'o.log')\n"
+        f"server.command = [sys.executable, '-c', {ORPHANING!r}]\n"
+        "server.start()\n"
+        "while server.pid is None:\n"
+        "    time.sleep(0.05)\n"
+        "print(server.pid, flush=True)\n"
+        "time.sleep(1000)\n"
+    )
+    owner = subprocess.Popen(
+        [sys.executable, "-c", owner_script], stdout=subprocess.PIPE, text=True, cwd=REPO
+    )
+    try:
+        server = psutil.Process(int(owner.stdout.readline()))
+        deadline = time.monotonic() + 30
+        while len(server.children()) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        left = Snapshot.of([psutil.Process(owner.pid)])
+        assert len(left.processes) >= 6  # owner, shim, guardian, command, two sleeps
+    finally:
+        owner.kill()
+        owner.wait()
+    left.wait_gone("after the owner was SIGKILLed")
+
+
+def test_a_second_incarnation_waits_for_the_first(tmp_path):
+    lock = tmp_path / "instance.lock"
+    first = plain_server(tmp_path, lock_path=lock).start()
+    left = wait_started(first)
+    second = plain_server(tmp_path, lock_path=lock).start()
+    try:
+        time.sleep(1)
+        assert second.pid is None, "started beside the first incarnation"
+        first.kill()  # the first's guardian ends its orphans, then lets go of the lock
+        assert left.alive() == [], "the lock was let go before everything had ended"
+        wait_started(second)
+    finally:
+        second.stop(grace_s=5)
+        first.stop(grace_s=5)
+
+
+def test_an_incarnation_that_never_ends_is_a_clear_error(tmp_path):
+    lock = tmp_path / "instance.lock"
+    first = plain_server(tmp_path, lock_path=lock).start()
+    wait_started(first)
+    second = plain_server(tmp_path, lock_path=lock, lock_wait_s=1).start()
+    try:
+        assert second.proc.wait(timeout=30) == EXIT_LOCKED
+        assert second.pid is None
+        assert "previous incarnation" in second.log_tail()
+    finally:
+        first.stop(grace_s=5)
+
+
+# --- pd-serve: instances whose actors die ---------------------------------------------
+
+
+class PdServe:
+    """``pd-serve --config configs/local.yaml`` with a Ray temp dir of its own, so that a
+    second driver's ``address="auto"`` finds this cluster and no other."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = Path(tempfile.mkdtemp(prefix="pd-lifecycle-")) / "pd-serve.log"
+        self.env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="pd-ray-", dir="/tmp")}
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [Path(sys.executable).with_name("pd-serve"), "--config",
+                 str(REPO / "configs/local.yaml"), "--port", str(self.port)],
+                stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=REPO,
+                start_new_session=True,  # its own group, as a terminal's foreground job
+            )  # fmt: skip
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+    def healthy(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/health", timeout=5).json().get("status") == "ok"
+        except (httpx.HTTPError, ValueError):
+            return False
+
+    def wait_healthy(self, timeout_s: float = 600) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not self.healthy():
+            assert self.proc.poll() is None, f"pd-serve exited:\n{self.log()}"
+            assert time.monotonic() < deadline, f"not healthy in {timeout_s}s:\n{self.log()}"
+            time.sleep(2)
+
+    def complete(self) -> str:
+        body = {"model": "pd-tiny", "prompt": "The lifecycle of a process", "max_tokens": 12,
+                "temperature": 0}  # fmt: skip
+        response = httpx.post(f"{self.url}/v1/completions", json=body, timeout=120)
+        response.raise_for_status()
+        return response.json()["choices"][0]["text"]
+
+    def ray(self, code: str) -> object:
+        """Run ``code`` in a second Ray driver; what it assigns to ``result`` (JSON)."""
+        script = (
+            "import json, ray\n"
+            "ray.init(address='auto', namespace='pd', logging_level='ERROR')\n"
+            f"{code}\n"
+            "print(json.dumps(result))\n"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=180,
+            env=self.env, cwd=REPO,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    def info(self, name: str) -> dict:
+        return self.ray(
+            "import dataclasses\n"
+            f"result = dataclasses.asdict(ray.get(ray.get_actor({name!r}).info.remote()))"
+        )
+
+    def instance(self, name: str) -> Snapshot:
+        """Every process of instance ``name`` now: its actor's worker and all below it."""
+        return Snapshot.of([psutil.Process(self.info(name)["actor_pid"])])
+
+    def wait_restarted(self, name: str, incarnation: int, timeout_s: float = 600) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            info = self.info(name)
+            if info["incarnation"] >= incarnation and info["state"] == "ready":
+                break
+            assert info["state"] != "failed", f"{name} failed to restart:\n{self.log()}"
+            assert time.monotonic() < deadline, f"{name} not back in {timeout_s}s: {info}"
+            time.sleep(3)
+        self.wait_healthy(timeout_s)
+
+    def interrupt(self, timeout_s: float = 180) -> int:
+        """Ctrl-C, as a terminal sends it: SIGINT to pd-serve's whole process group."""
+        os.killpg(self.proc.pid, signal.SIGINT)
+        return self.proc.wait(timeout=timeout_s)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=180)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+@dataclass
+class Served:
+    serve: PdServe
+    answer: str  # the greedy answer before any fault
+
+
+@pytest.fixture(scope="module")
+def served() -> Iterator[Served]:
+    serve = PdServe()
+    try:
+        serve.wait_healthy()
+        yield Served(serve, serve.complete())
+    finally:
+        serve.close()
+
+
+@pytest.mark.engines
+def test_ray_kill_of_an_actor_ends_its_engine(served):
+    serve = served.serve
+    before = serve.instance("pd-prefill-0")
+    assert len(before.processes) >= 5, "worker, shim, guardian, API server, EngineCore"
+    serve.ray("ray.kill(ray.get_actor('pd-prefill-0'), no_restart=False)\nresult = 0")
+    before.wait_gone("pd-prefill-0 after ray.kill of its actor")
+    serve.wait_restarted("pd-prefill-0", incarnation=1)
+    assert serve.complete() == served.answer
+
+
+@pytest.mark.engines
+def test_sigkill_of_an_actors_worker_ends_its_engine(served):
+    serve = served.serve
+    before = serve.instance("pd-decode-0")
+    os.kill(serve.info("pd-decode-0")["actor_pid"], signal.SIGKILL)
+    before.wait_gone("pd-decode-0 after kill -9 of its actor's worker")
+    serve.wait_restarted("pd-decode-0", incarnation=1)
+    assert serve.complete() == served.answer
+
+
+@pytest.mark.engines
+def test_shutdown_after_restarts_leaves_nothing(served):
+    serve = served.serve
+    everything = Snapshot.of([psutil.Process(serve.proc.pid)])
+    serve.proc.send_signal(signal.SIGTERM)
+    assert serve.proc.wait(timeout=180) == 0, serve.log()
+    everything.wait_gone("after pd-serve stopped")
+
+
+@pytest.mark.engines
+def test_ctrl_c_during_startup_ends_started_engines():
+    """Ctrl-C of a pd-serve still waiting for an instance (decode, held stopped here so
+    that start-up cannot finish first) ends every instance, the ready one included."""
+    serve = PdServe()
+    try:
+        deadline = time.monotonic() + 600
+        held = ready = False
+        while not (held and ready):
+            assert serve.proc.poll() is None, serve.log()
+            assert time.monotonic() < deadline, f"start-up did not get far:\n{serve.log()}"
+            for proc in psutil.Process(serve.proc.pid).children(recursive=True):
+                try:
+                    cmdline = proc.cmdline()
+                    if "serve" not in cmdline or os.getpgid(proc.pid) != proc.pid:
+                        continue
+                    log_name = Path(os.readlink(f"/proc/{proc.pid}/fd/1")).stem
+                    port = cmdline[cmdline.index("--port") + 1]
+                except (psutil.Error, OSError, ValueError):
+                    continue
+                if log_name == "pd-decode-0" and not held and proc.children():
+                    os.killpg(proc.pid, signal.SIGSTOP)  # its engine has started
+                    held = True
+                if log_name == "pd-prefill-0":
+                    with contextlib.suppress(httpx.HTTPError):
+                        ready = httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
+            time.sleep(1)
+        everything = Snapshot.of([psutil.Process(serve.proc.pid)])
+        assert serve.interrupt() == 130, serve.log()
+        assert "interrupted during start-up" in serve.log()
+        everything.wait_gone("after Ctrl-C during start-up")
+    finally:
+        serve.close()
