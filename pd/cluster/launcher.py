@@ -41,6 +41,7 @@ class Cluster:
         self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix="pd-serve-"))
         self.handles: list[InstanceHandle] = []
         self._started_ray = False
+        self._dashboard_url: str | None = None
 
     # --- start ----------------------------------------------------------------------------
 
@@ -65,7 +66,7 @@ class Cluster:
             if self._started_ray
             else f"ray: joining the cluster at {ray_spec.address}"
         )
-        ray.init(
+        context = ray.init(
             address=ray_spec.address,
             namespace=ray_spec.namespace,
             include_dashboard=True if self._started_ray else None,
@@ -74,6 +75,7 @@ class Cluster:
             log_to_driver=False,
             logging_level=logging.WARNING,
         )
+        self._dashboard_url = context.dashboard_url
 
     def _create_actors(self) -> None:
         import ray
@@ -141,10 +143,7 @@ class Cluster:
     # --- inspect ---------------------------------------------------------------------------
 
     def dashboard_url(self) -> str:
-        import ray
-
-        context = ray.get_runtime_context()
-        url = getattr(context, "dashboard_url", None) or ray.worker.get_dashboard_url()
+        url = self._dashboard_url  # as ray.init() reported it (ray.worker's is deprecated)
         return f"http://{url}" if url and not url.startswith("http") else str(url)
 
     @staticmethod
