@@ -17,6 +17,7 @@ import textwrap
 from pathlib import Path
 
 from pd.cluster.config import ClusterConfig, ConfigError, load_config
+from pd.cluster.placement import check_before_start, dry_run_problems
 from pd.cluster.plan import make_plan
 
 EXIT_OK, EXIT_STARTUP, EXIT_CONFIG = 0, 1, 2
@@ -75,7 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="cluster.yaml keys (see configs/ for examples):\n" + config_reference(),
     )
     parser.add_argument("--config", required=True, type=Path, help="cluster.yaml to serve")
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved plan and exit")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved plan, check it against the resources of the cluster it "
+        "would use (ray.address's, else this machine's) and exit: 2 if it does not fit",
+    )
     parser.add_argument("--host", help="override proxy.host")
     parser.add_argument("--port", type=int, help="override proxy.port")
     return parser
@@ -91,12 +97,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, overrides)
         plan = make_plan(config)
+        if args.dry_run:
+            print(plan.describe())
+            # The resources of the cluster it would use: a joined one's, or this machine's.
+            problems = dry_run_problems(plan)
+            for problem in problems:
+                print(f"pd-serve: does not fit: {problem}", file=sys.stderr)
+            return EXIT_CONFIG if problems else EXIT_OK
+        check_before_start(plan)
     except ConfigError as e:
         print(f"pd-serve: config error: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    if args.dry_run:
-        print(plan.describe())
-        return EXIT_OK
 
     from pd.cli.runner import run_cluster
 

@@ -46,15 +46,19 @@ class ModelSpec(_Strict):
 
 
 class Resources(_Strict):
-    cpus: Annotated[float, Field(gt=0)] = 1
-    """Ray CPUs reserved per instance."""
+    cpus: Annotated[float, Field(gt=0)] | Literal["auto"] = "auto"
+    """Ray CPUs reserved per instance. ``auto``: 1, except on a local cluster whose
+    machine has fewer CPUs than that: then every ``auto`` instance gets an equal share
+    of the CPUs the explicit values leave (fractional, e.g. 0.66 for 3 instances on 2)."""
     gpus: Annotated[int, Field(ge=0)] = 0
     """GPUs per instance; more than one sets vLLM's tensor-parallel size to match."""
     cpu_cores: str | None = "auto"
     """CPU machines: cores vLLM's threads bind to, e.g. ``"0-3"``; ``auto`` gives each
     instance its own cores; null leaves binding to vLLM."""
     cpu_kv_cache_gib: Annotated[float, Field(gt=0)] = 1
-    """CPU machines: KV cache size per instance (VLLM_CPU_KVCACHE_SPACE)."""
+    """CPU machines: KV cache size per instance in GiB; fractions too (0.05: ~50 MiB), for
+    testing reuse and eviction. Passed as vLLM's ``--kv-cache-memory-bytes``; it must
+    hold one ``max_model_len`` request and fit in the machine's memory."""
     niceness: Annotated[int, Field(ge=-20, le=19)] = 0
     """CPU priority of the instance's vLLM processes (Linux nice, -20..19; 0 normal).
     Ray starts its workers at 15; pd sets this instead. A value below the Ray worker's

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pd.cluster.actor import FAILED, READY, InstanceActor, InstanceInfo
+from pd.cluster.placement import PlacementWatch
 from pd.cluster.plan import ClusterPlan, InstancePlan
 from pd.cluster.priority import local_ray_env, niceness_warning
 
@@ -102,6 +103,9 @@ class Cluster:
         started = time.monotonic()
         pending = {h.plan.name: h for h in self.handles}
         announced: set[str] = set()
+        placement = PlacementWatch(self.plan, progress)
+        if reason := placement.fail_fast():
+            raise StartupError(reason)
         while pending:
             if time.monotonic() > deadline:
                 name = next(iter(pending))
@@ -110,11 +114,13 @@ class Cluster:
                     f"(waiting for Ray resources or a slow model load?)\n"
                     + self._tail(pending[name])
                 )
+            unanswered = []
             for name, handle in list(pending.items()):
                 try:
                     info: InstanceInfo = ray.get(handle.actor.info.remote(), timeout=1)
                 except GetTimeoutError:
-                    continue  # the actor is still being placed or constructed
+                    unanswered.append(name)  # the actor is still being placed or constructed
+                    continue
                 except RayActorError as e:
                     raise StartupError(f"{name}: its actor died during start-up: {e}") from e
                 if name not in announced:
@@ -129,6 +135,7 @@ class Cluster:
                     raise StartupError(
                         f"{name}: vLLM exited during start-up\n" + self._tail(handle)
                     )
+            placement.report(unanswered)
             time.sleep(1)
 
     def _tail(self, handle: InstanceHandle) -> str:

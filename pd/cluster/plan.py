@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pd.cluster import kv_size
 from pd.cluster.config import ClusterConfig, ConfigError, RoleSpec
 from pd.models import model_dir
 
@@ -88,15 +89,19 @@ def engine_args_to_cli(args: dict[str, Any]) -> list[str]:
 
 
 def make_plan(config: ClusterConfig, available_cores: list[int] | None = None) -> ClusterPlan:
+    """``available_cores``: the cores of the machine a local cluster runs on (default:
+    this process's); their count is also the CPUs ``cpus: auto`` shares."""
     cores = sorted(available_cores if available_cores is not None else os.sched_getaffinity(0))
     warnings: list[str] = []
     model = str(model_dir(config.model.preset)) if config.model.preset else str(config.model.path)
     _check_local_model_path(config)
+    cpus = _cpus_per_instance(config, len(cores))
     next_core = 0
     instances = []
     for role, spec in (("prefill", config.prefill), ("decode", config.decode)):
+        kv_size.check(config, role, spec, {**config.engine_args, **spec.engine_args})
         for index in range(spec.instances):
-            cpu_cores, next_core = _cores_for(spec, cores, next_core, warnings)
+            cpu_cores, next_core = _cores_for(spec, cpus[role], cores, next_core, warnings)
             # A local cluster stays on loopback; a joined one uses each node's IP.
             host = "127.0.0.1" if config.ray.address is None else None
             instances.append(
@@ -108,8 +113,8 @@ def make_plan(config: ClusterConfig, available_cores: list[int] | None = None) -
                     model_preset=config.model.preset,
                     host=host,
                     vllm_args=_vllm_args(config, role, spec),
-                    env=_env(spec, cpu_cores, loopback=host is not None),
-                    num_cpus=spec.resources.cpus,
+                    env=_env(config, spec, cpu_cores, loopback=host is not None),
+                    num_cpus=cpus[role],
                     num_gpus=spec.resources.gpus,
                     cpu_cores=cpu_cores,
                     niceness=spec.resources.niceness,
@@ -121,6 +126,22 @@ def make_plan(config: ClusterConfig, available_cores: list[int] | None = None) -
             "is set (proxy.api_key_env): anyone who reaches it can use the model"
         )
     return ClusterPlan(config=config, instances=instances, warnings=warnings)
+
+
+def _cpus_per_instance(config: ClusterConfig, machine_cpus: int) -> dict[str, float]:
+    """Each role's Ray CPUs per instance. ``auto`` is 1; on a local cluster where that
+    does not fit the machine, the ``auto`` instances share the CPUs left equally."""
+    roles = {"prefill": config.prefill, "decode": config.decode}
+    explicit = {r: s.resources.cpus for r, s in roles.items() if s.resources.cpus != "auto"}
+    cpus: dict[str, float] = {r: float(v) for r, v in explicit.items()}
+    auto = [r for r in roles if r not in explicit]
+    auto_instances = sum(roles[r].instances for r in auto)
+    left = machine_cpus - sum(cpus[r] * roles[r].instances for r in explicit)
+    # Two decimals, rounded down, so the shares never add up to more than the machine.
+    share = math.floor(left / auto_instances * 100) / 100 if auto_instances else 1.0
+    if config.ray.address is not None or share >= 1 or share < 0.01:
+        share = 1.0  # enough, or nothing left: the fit check names what takes it all
+    return cpus | {r: share for r in auto}
 
 
 def _is_loopback(host: str) -> bool:
@@ -164,15 +185,18 @@ def _vllm_args(config: ClusterConfig, role: str, spec: RoleSpec) -> list[str]:
         "--served-model-name",
         config.served_model_name,
         *engine_args_to_cli(args),
+        *kv_size.sizing(spec, args)[0],
         "--kv-transfer-config",
         json.dumps(kv_config),
     ]
 
 
-def _env(spec: RoleSpec, cpu_cores: str | None, loopback: bool) -> dict[str, str]:
+def _env(
+    config: ClusterConfig, spec: RoleSpec, cpu_cores: str | None, loopback: bool
+) -> dict[str, str]:
     env = dict(spec.env)
     if spec.resources.gpus == 0:
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{spec.resources.cpu_kv_cache_gib:g}")
+        env.update(kv_size.sizing(spec, {**config.engine_args, **spec.engine_args})[1])
         if cpu_cores:
             env.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_cores)
         # NIXL's UCX listens on every network interface unless told otherwise; all of a
@@ -184,14 +208,14 @@ def _env(spec: RoleSpec, cpu_cores: str | None, loopback: bool) -> dict[str, str
 
 
 def _cores_for(
-    spec: RoleSpec, cores: list[int], next_core: int, warnings: list[str]
+    spec: RoleSpec, cpus: float, cores: list[int], next_core: int, warnings: list[str]
 ) -> tuple[str | None, int]:
     wanted = spec.resources.cpu_cores
     if spec.resources.gpus > 0 or wanted is None:
         return None, next_core
     if wanted != "auto":
         return wanted, next_core
-    count = max(1, math.ceil(spec.resources.cpus))
+    count = max(1, math.ceil(cpus))
     if next_core + count > len(cores):
         warnings.append(
             f"not enough cores for one set per instance ({len(cores)} available): "
