@@ -184,7 +184,7 @@ def _save_model(spec: ModelPreset, out: Path) -> None:
         pad_token_id=257,
         tie_word_embeddings=False,
         initializer_range=spec.init_std,
-        torch_dtype=spec.dtype,
+        dtype=spec.dtype,  # transformers 5 name of torch_dtype (same config.json)
     )
     generator_state = torch.random.get_rng_state()
     try:

@@ -16,6 +16,7 @@ import os
 import resource
 import time
 from collections import defaultdict
+from collections.abc import Callable
 
 import psutil
 
@@ -33,30 +34,39 @@ class CpuMeter:
     def __exit__(self, *exc: object) -> None:
         after = _snapshot()
         self.wall_s = time.monotonic() - self._started
-        cpu = _growth_by_group(self._before, after, _CPU)
+        cpu = _growth_by_group(self._before, after, _cpu_s)
         cpu[LOAD_GENERATOR] += _children_cpu() - self._children
         self.seconds = {g: round(s, 2) for g, s in sorted(cpu.items()) if s >= 0.05}
-        waits = _growth_by_group(self._before, after, _WAITED)
+        waits = _growth_by_group(self._before, after, _waited_s)
         self.waited_s = {g: round(s, 3) for g, s in sorted(waits.items()) if s >= 0.001}
 
 
 # A process's counters in a snapshot: (group, CPU seconds, run-queue seconds or None).
 Sample = tuple[str, float, float | None]
-_CPU, _WAITED = 1, 2
+Counter = Callable[[Sample], float | None]
+
+
+def _cpu_s(sample: Sample) -> float | None:
+    return sample[1]
+
+
+def _waited_s(sample: Sample) -> float | None:
+    return sample[2]
 
 
 def _growth_by_group(
-    before: dict[int, Sample], after: dict[int, Sample], field: int
+    before: dict[int, Sample], after: dict[int, Sample], counter: Counter
 ) -> defaultdict[str, float]:
-    """How much counter ``field`` grew per group between two snapshots (a pid seen in
-    another group before, i.e. reused, counts from zero)."""
+    """How much ``counter`` grew per group between two snapshots (a pid seen in another
+    group before, i.e. reused, or unreadable before, counts from zero)."""
     groups: defaultdict[str, float] = defaultdict(float)
     for pid, sample in after.items():
-        if sample[field] is None:
+        if (value := counter(sample)) is None:
             continue
         earlier = before.get(pid)
-        same = earlier is not None and earlier[0] == sample[0] and earlier[field] is not None
-        groups[sample[0]] += sample[field] - (earlier[field] if same else 0.0)
+        same = earlier is not None and earlier[0] == sample[0]
+        earlier_value = counter(earlier) if earlier is not None and same else None
+        groups[sample[0]] += value - (earlier_value or 0.0)
     return groups
 
 

@@ -54,8 +54,9 @@ def _field_doc(model, name: str) -> str:
         tree = ast.parse(textwrap.dedent(inspect.getsource(model)))
     except (OSError, TypeError):
         return ""
-    body = tree.body[0].body
-    for node, following in itertools.pairwise(body):
+    if not isinstance(cls := tree.body[0], ast.ClassDef):
+        return ""
+    for node, following in itertools.pairwise(cls.body):
         if (
             isinstance(node, ast.AnnAssign)
             and isinstance(node.target, ast.Name)

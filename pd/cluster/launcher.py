@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pd.cluster.actor import FAILED, READY, InstanceActor, InstanceInfo
 from pd.cluster.placement import PlacementWatch
@@ -33,7 +34,7 @@ class StartupError(RuntimeError):
 @dataclass
 class InstanceHandle:
     plan: InstancePlan
-    actor: object  # ray.actor.ActorHandle
+    actor: Any  # a ray.actor.ActorHandle (its remote methods are looked up at run time)
 
 
 class Cluster:

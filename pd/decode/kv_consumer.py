@@ -15,7 +15,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -82,7 +82,7 @@ class KVConsumer:
         self._side_channel = SideChannelClient(self._engine_id)
         self._pool = ThreadPoolExecutor(_MAX_LOAD_THREADS, thread_name_prefix="pd-kv-load")
 
-    def submit(self, loads: list[LoadSpec], cancelled: list[str] = ()) -> None:
+    def submit(self, loads: list[LoadSpec], cancelled: Sequence[str] = ()) -> None:
         """Start loads in the background; stop waiting for ended requests' prefills.
 
         Called on the engine thread, once per step.

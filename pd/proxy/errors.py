@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from fastapi.responses import JSONResponse
 
 _TYPES = {
@@ -24,7 +26,7 @@ class ProxyError(Exception):
 
 
 def error_response(
-    status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None
+    status: int, message: str, param: str | None = None, headers: Mapping[str, str] | None = None
 ) -> JSONResponse:
     default_type = "server_error" if status >= 500 else "invalid_request_error"
     return JSONResponse(

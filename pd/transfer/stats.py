@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
+from prometheus_client import Histogram
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
     KVConnectorPromMetrics,
     KVConnectorStats,
@@ -112,7 +113,9 @@ class PDPromMetrics(KVConnectorPromMetrics):
         from vllm.v1.metrics.utils import create_metric_per_engine
 
         super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
-        self._counters = {
+        # vLLM types its metric classes and children as a union of all metric kinds.
+        histogram_cls = cast("type[Histogram]", self._histogram_cls)
+        self._counters: dict[str, dict[int, Any]] = {
             name: create_metric_per_engine(
                 self._counter_cls(
                     name=f"vllm:pd_kv_{name}", documentation=doc, labelnames=labelnames
@@ -121,9 +124,9 @@ class PDPromMetrics(KVConnectorPromMetrics):
             )
             for name, doc in COUNTERS.items()
         }
-        self._histograms = {
+        self._histograms: dict[str, dict[int, Any]] = {
             name: create_metric_per_engine(
-                self._histogram_cls(
+                histogram_cls(
                     name=f"vllm:pd_kv_{name}",
                     documentation=doc,
                     labelnames=labelnames,

@@ -22,6 +22,7 @@ import logging
 import threading
 import time
 import uuid
+from typing import Any
 
 import numpy as np
 
@@ -54,7 +55,7 @@ class NixlTransport(KVTransport):
 
     def __init__(self, layout: KVCacheLayout, host: str) -> None:
         super().__init__(layout, host)
-        self._agent = None
+        self._agent: Any = None  # a nixl_agent once started (NIXL ships no types)
         self._mem_type = "VRAM" if layout.device.type == "cuda" else "DRAM"
         self._local_dlist = None
         self._registered = None
