@@ -3,9 +3,11 @@
 Starts two vLLM OpenAI servers on loopback (prefill on core 0, decode on core 1),
 sends one prompt through vLLM's disaggregation protocol (prefill with
 ``do_remote_decode``, then decode with the returned ``kv_transfer_params``), prints
-both answers and the connector's transfer counters, and stops both servers.
+both answers and the connector's transfer counters, and stops both servers. Exits 1
+if decode did not load the prompt's KV from prefill.
 
     .venv/bin/python scripts/pd_pair.py [--model PATH] [--prompt TEXT]
+    .venv/bin/python scripts/pd_pair.py --smoke   # 4 tokens instead of 32
 """
 
 from __future__ import annotations
@@ -41,10 +43,12 @@ def start_server(name: str, model: Path, core: str) -> VllmServer:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--model", default=None, help="model path (default: the tiny model)")
     parser.add_argument("--prompt", default="The capital of France is")
+    parser.add_argument("--smoke", action="store_true", help="generate 4 tokens, not 32")
     args = parser.parse_args()
+    max_tokens = 4 if args.smoke else 32
     model = Path(args.model) if args.model else make_model("tiny")
 
     prefill = start_server("prefill", model, core="0")
@@ -53,8 +57,13 @@ def main() -> int:
         print("starting prefill and decode vLLM servers (about a minute on CPU)...")
         prefill.wait_ready()
         decode.wait_ready()
-        body = {"model": str(model), "prompt": args.prompt, "max_tokens": 32, "temperature": 0}
-        body["ignore_eos"] = True  # the tiny model is random: show all 32 tokens
+        body = {
+            "model": str(model),
+            "prompt": args.prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "ignore_eos": True,  # the tiny model is random: show all the tokens asked for
+        }
         first = httpx.post(
             f"{prefill.url}/v1/completions",
             json={**body, "max_tokens": 1, "kv_transfer_params": {"do_remote_decode": True}},
@@ -74,6 +83,9 @@ def main() -> int:
             if k.startswith("vllm:pd_kv_") and k.endswith("_total")
         }
         print("decode connector counters:", counters)
+        if not counters.get("vllm:pd_kv_transfers_total"):
+            print("decode did not load the prompt's KV from prefill", file=sys.stderr)
+            return 1
         return 0
     finally:
         prefill.stop()
