@@ -45,10 +45,10 @@ def fit_problems(instances: Iterable[InstancePlan], nodes: list[Node]) -> list[s
     """One line per instance that cannot be placed, naming what it needs and what the
     cluster has; empty when all fit. Places the largest demands first on the first node
     with room (first-fit decreasing): exact for one node, a close bound for several."""
-    for node in nodes:
-        node.free = {kind: node.total.get(kind, 0.0) for kind in _KINDS}
-        node.holders = []
-    problems = []
+    for each in nodes:
+        each.free = {kind: each.total.get(kind, 0.0) for kind in _KINDS}
+        each.holders = []
+    problems: list[str] = []
     ordered = sorted(instances, key=lambda i: (-i.num_gpus, -i.num_cpus, i.name))
     for inst in ordered:
         wanted = demand(inst)
