@@ -13,6 +13,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pd.registry import FLOWS, ROUTING_POLICIES, transport_choices
+from pd.transfer.config import connector_default
+
 # `vllm serve` arguments pd sets itself for every instance.
 RESERVED_ENGINE_ARGS = {"model", "host", "port", "kv_transfer_config", "served_model_name"}
 
@@ -85,10 +88,10 @@ class ProxySpec(_Strict):
     """Address the proxy listens on (loopback unless you open it on purpose)."""
     port: Annotated[int, Field(ge=1, le=65535)] = 8000
     """Port of the OpenAI-compatible API."""
-    routing: Literal["round_robin", "least_loaded"] = "round_robin"
+    routing: str = "round_robin"
     """``round_robin``, or ``least_loaded`` (prefill by outstanding prompt tokens,
     decode by outstanding requests)."""
-    flow: Literal["sequential", "concurrent", "first-token"] = "sequential"
+    flow: str = "sequential"
     """``sequential``: prefill leg first, then decode with its KV's address.
     ``concurrent``: both legs at once; decode waits for the KV (hides the second hop,
     but the waiting decode instance keeps stepping: see the README).
@@ -104,6 +107,16 @@ class ProxySpec(_Strict):
     api_key_env: Annotated[str, Field(min_length=1)] | None = None
     """Name of an environment variable holding the API key, read at start-up (it must be
     set and non-empty then), e.g. ``PD_API_KEY``. Exclusive with api_key."""
+
+    @field_validator("routing")
+    @classmethod
+    def _known_routing(cls, name: str) -> str:
+        return ROUTING_POLICIES.check(name)
+
+    @field_validator("flow")
+    @classmethod
+    def _known_flow(cls, name: str) -> str:
+        return FLOWS.check(name)
 
     @field_validator("api_key_env")
     @classmethod
@@ -126,18 +139,21 @@ class ProxySpec(_Strict):
 
 
 class ConnectorSpec(_Strict):
-    """pd connector settings (kv_connector_extra_config); see the README."""
+    """pd connector settings (kv_connector_extra_config); see the README. The defaults
+    are the connector's own (``pd.transfer.config.PDConnectorConfig``)."""
 
-    lease_timeout_s: Annotated[float, Field(gt=0)] = 60
+    lease_timeout_s: Annotated[float, Field(gt=0)] = connector_default("lease_timeout_s")
     """Prefill: KV held for decode is freed after this long if never claimed."""
-    transfer_timeout_s: Annotated[float, Field(gt=0)] = 30
+    transfer_timeout_s: Annotated[float, Field(gt=0)] = connector_default("transfer_timeout_s")
     """Decode: deadline of one request's KV load; past it, decode recomputes."""
-    handshake_timeout_s: Annotated[float, Field(gt=0)] = 5
+    handshake_timeout_s: Annotated[float, Field(gt=0)] = connector_default("handshake_timeout_s")
     """Decode: deadline of the first contact with a prefill instance; also the longest
     silence from it a request waiting for its prefill tolerates."""
-    max_concurrent_transfers: Annotated[int, Field(ge=1)] = 4
+    max_concurrent_transfers: Annotated[int, Field(ge=1)] = connector_default(
+        "max_concurrent_transfers"
+    )
     """Decode: KV loads running at once."""
-    rendezvous_timeout_s: Annotated[float, Field(gt=0)] = 120
+    rendezvous_timeout_s: Annotated[float, Field(gt=0)] = connector_default("rendezvous_timeout_s")
     """Decode (concurrent flow): how long a request waits for its prefill instance to
     finish the prompt before decode recomputes it."""
 
@@ -176,12 +192,19 @@ class ClusterConfig(_Strict):
     """``vllm serve`` arguments for every instance, as ``key: value`` (``flag: true``)."""
     prefill: RoleSpec = Field(default_factory=RoleSpec)
     decode: RoleSpec = Field(default_factory=RoleSpec)
-    transport: Literal["auto", "zmq", "nixl"] = "auto"
+    transport: str = connector_default("transport")
     """KV transport: ``zmq`` (TCP), ``nixl``, or ``auto`` (the best available)."""
     connector: ConnectorSpec = Field(default_factory=ConnectorSpec)
     proxy: ProxySpec = Field(default_factory=ProxySpec)
     timeouts: Timeouts = Field(default_factory=Timeouts)
     ray: RaySpec = Field(default_factory=RaySpec)
+
+    @field_validator("transport")
+    @classmethod
+    def _known_transport(cls, name: str) -> str:
+        if name not in transport_choices():
+            raise ValueError(f"unknown transport {name!r}; choose one of {transport_choices()}")
+        return name
 
     @field_validator("engine_args")
     @classmethod

@@ -23,6 +23,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from pd.transfer.metadata import LoadSpec, load_spec_from_params
+from pd.transfer.params import KVTransferParams
 
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -39,8 +40,8 @@ class DecodeScheduler:
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int, bool]:
-        params = request.kv_transfer_params
-        if not params or not params.get("do_remote_prefill"):
+        params = _params(request)
+        if not params.do_remote_prefill:
             return 0, False
         count = _remote_tokens(request, params) - num_computed_tokens
         return (count, True) if count > 0 else (0, False)
@@ -48,10 +49,10 @@ class DecodeScheduler:
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
     ) -> None:
-        params = request.kv_transfer_params
-        if not params or not params.get("do_remote_prefill"):
+        params = _params(request)
+        if not params.do_remote_prefill:
             return
-        params["do_remote_prefill"] = False  # load once, even if called again
+        _loaded_once(request)  # load once, even if called again
         local_block_ids = blocks.get_unhashed_block_ids() if num_external_tokens > 0 else []
         self._add_load(request, params, local_block_ids, num_external_tokens > 0)
 
@@ -60,13 +61,11 @@ class DecodeScheduler:
 
         One whose load may still wait for its prefill stops waiting.
         """
-        params = request.kv_transfer_params
-        if not params:
-            return
-        if params.get("do_remote_prefill"):
-            params["do_remote_prefill"] = False
+        params = _params(request)
+        if params.do_remote_prefill:
+            _loaded_once(request)
             self._add_load(request, params, [], reports_completion=False)
-        elif params.get("pd_rendezvous"):
+        elif params.pd_rendezvous:
             self._cancelled.append(request.request_id)  # the workers ignore ended loads
 
     def take_loads(self) -> tuple[list[LoadSpec], list[str]]:
@@ -76,7 +75,11 @@ class DecodeScheduler:
         return loads, cancelled
 
     def _add_load(
-        self, request: Request, params: dict, local_block_ids: list[int], reports_completion: bool
+        self,
+        request: Request,
+        params: KVTransferParams,
+        local_block_ids: list[int],
+        reports_completion: bool,
     ) -> None:
         try:
             spec = load_spec_from_params(
@@ -99,7 +102,26 @@ class DecodeScheduler:
         self._loads.append(spec)
 
 
-def _remote_tokens(request: Request, params: dict) -> int:
+def _params(request: Request) -> KVTransferParams:
+    """The request's params; malformed ones read as none (decode computes the prompt)."""
+    try:
+        return KVTransferParams.from_dict(request.kv_transfer_params)
+    except ValueError as e:
+        logger.warning("pd: request %s: %s; ignoring its kv_transfer_params",
+                       request.request_id, e)  # fmt: skip
+        return KVTransferParams()
+
+
+def _loaded_once(request: Request) -> None:
+    """Mark the request's load as scheduled, so vLLM's later calls do not add it again.
+
+    In place: vLLM's request and its sampling parameters hold the same dict.
+    """
+    assert request.kv_transfer_params is not None
+    request.kv_transfer_params.update(KVTransferParams(do_remote_prefill=False).to_dict())
+
+
+def _remote_tokens(request: Request, params: KVTransferParams) -> int:
     """How many of the prompt's tokens the prefill instance holds KV for.
 
     All of them, unless the prompt continues past what prefill computed: the
@@ -107,7 +129,7 @@ def _remote_tokens(request: Request, params: dict) -> int:
     first token, whose KV nobody computed yet; decode computes it itself.
     """
     prompt = len(request.prompt_token_ids or [])
-    remote = params.get("remote_num_tokens")
-    if isinstance(remote, int) and not isinstance(remote, bool) and 0 < remote < prompt:
+    remote = params.remote_num_tokens
+    if remote is not None and 0 < remote < prompt:
         return remote
     return prompt

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from pd.transfer.messages import PROTOCOL_VERSION
 from pd.transfer.metadata import PDHandshakeMetadata
+from pd.transfer.params import KVTransferParams
 
 if TYPE_CHECKING:
     from vllm.v1.request import Request
@@ -48,10 +49,14 @@ class PrefillScheduler:
     ) -> tuple[bool, dict[str, Any] | None]:
         from vllm.v1.request import RequestStatus
 
-        params = request.kv_transfer_params or {}
-        if not params.get("do_remote_decode"):
+        try:
+            params = KVTransferParams.from_dict(request.kv_transfer_params)
+        except ValueError as e:
+            logger.warning("pd: request %s: %s; its KV is not kept", request.request_id, e)
             return False, None
-        tag = str(params.get("pd_rendezvous") or "")
+        if not params.do_remote_decode:
+            return False, None
+        tag = params.pd_rendezvous or ""
         if request.status not in (
             RequestStatus.FINISHED_LENGTH_CAPPED,
             RequestStatus.FINISHED_STOPPED,
@@ -71,20 +76,21 @@ class PrefillScheduler:
         if tag:
             self._rendezvous[request.request_id] = tag
         ranks = sorted(self._workers)
-        return True, {
-            "do_remote_prefill": True,
-            "do_remote_decode": False,
-            "remote_engine_id": self._engine_id,
-            "remote_request_id": request.request_id,
-            "remote_host": self._workers[ranks[0]].host,
-            "remote_port": self._workers[ranks[0]].side_channel_port,
-            "remote_ports": [self._workers[r].side_channel_port for r in ranks],
-            "remote_block_ids": list(block_ids),
-            "remote_num_tokens": request.num_computed_tokens,
-            "tp_size": len(ranks),
-            "transport": self._transport,
-            "pd_protocol_version": PROTOCOL_VERSION,
-        }
+        answer = KVTransferParams(
+            do_remote_prefill=True,
+            do_remote_decode=False,
+            remote_engine_id=self._engine_id,
+            remote_request_id=request.request_id,
+            remote_host=self._workers[ranks[0]].host,
+            remote_port=self._workers[ranks[0]].side_channel_port,
+            remote_ports=tuple(self._workers[r].side_channel_port for r in ranks),
+            remote_block_ids=tuple(block_ids),
+            remote_num_tokens=request.num_computed_tokens,
+            tp_size=len(ranks),
+            transport=self._transport,
+            pd_protocol_version=PROTOCOL_VERSION,
+        )
+        return True, answer.to_dict()
 
     def take_grants(self) -> tuple[dict[str, list[int]], dict[str, str], list[str]]:
         """(new leases, their rendezvous tags, failed rendezvous tags) for the workers."""

@@ -13,7 +13,6 @@ import logging
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request
@@ -23,20 +22,15 @@ from starlette.exceptions import HTTPException
 
 from pd.proxy.auth import ApiKeyMiddleware
 from pd.proxy.errors import ProxyError, error_response
-from pd.proxy.first_token import FirstTokenFlow
-from pd.proxy.flow import ConcurrentFlow, Flow, Leg, SequentialFlow
-from pd.proxy.instances import Instance, InstancePool
+from pd.proxy.flow import Flow, Leg
+from pd.proxy.instances import InstancePool
 from pd.proxy.metrics import ProxyMetrics
-from pd.proxy.routing import RoutingPolicy
+from pd.proxy.routing import RoutingPolicy, RoutingRequest
+from pd.proxy.tokenizer import ModelTokenizer
 from pd.proxy.validation import MIB, RequestLimits, read_body
+from pd.registry import FLOWS
 
 logger = logging.getLogger(__name__)
-
-FLOWS: dict[str, type[Flow]] = {
-    "sequential": SequentialFlow,
-    "concurrent": ConcurrentFlow,
-    "first-token": FirstTokenFlow,
-}
 
 
 @dataclass(frozen=True)
@@ -44,12 +38,13 @@ class ProxySettings:
     served_model_name: str
     request_timeout_s: float = 600.0
     connect_timeout_s: float = 5.0
-    flow: str = "sequential"  # a key of FLOWS
+    flow: str = "sequential"  # a name in pd.registry.FLOWS
     chat_output_parsed: bool = False  # the instances run a reasoning or tool-call parser
     max_body_bytes: int = 32 * MIB
     max_n: int = 16
     max_model_len: int | None = None  # None: vLLM alone checks max_tokens against it
     api_key: str | None = field(default=None, repr=False)  # None: no authentication
+    tokenizer: str | None = None  # the model's folder or hub id, for routing by token ids
 
 
 def create_app(
@@ -61,9 +56,9 @@ def create_app(
     """``http`` is the pooled client for upstream calls (the pool's health checks share it)."""
     metrics = ProxyMetrics(pool)
     timeout = httpx.Timeout(settings.request_timeout_s, connect=settings.connect_timeout_s)
-    flow = FLOWS[settings.flow](
-        pool, metrics, http, timeout, chat_output_parsed=settings.chat_output_parsed
-    )
+    flow_class: type[Flow] = FLOWS.load(settings.flow)
+    flow = flow_class(pool, metrics, http, timeout, chat_output_parsed=settings.chat_output_parsed)
+    tokenizer = ModelTokenizer(settings.tokenizer) if settings.tokenizer else None
     limits = RequestLimits(
         settings.served_model_name,
         max_body_bytes=settings.max_body_bytes,
@@ -156,16 +151,20 @@ def create_app(
         body = await read_body(request, endpoint, limits)
         # Only pd's own prefill leg may tell a decode instance where KV lives.
         body.pop("kv_transfer_params", None)
-        prompt_tokens = _estimate_prompt_tokens(body)
-        prefills = pool.healthy("prefill")  # none: decode serves alone (Flow.serve_alone)
+        decodes = pool.healthy("decode")
+        if not decodes:
+            raise ProxyError(503, "no decode instance is available; retry later")
+        routed = RoutingRequest(endpoint, body, tokenizer)
+        # No prefill in rotation: decode serves alone (Flow.serve_alone).
+        route = await policy.route(routed, pool.healthy("prefill"), decodes)
 
         leg = Leg(
             request=request,
             endpoint=endpoint,
             body=body,
-            prompt_tokens=prompt_tokens,
-            prefill=policy.pick("prefill", prefills, prompt_tokens) if prefills else None,
-            decode=_pick("decode", prompt_tokens),
+            prompt_tokens=routed.prompt_tokens,
+            prefill=route.prefill,
+            decode=route.decode,
             started=started,
             deadline=started + settings.request_timeout_s,
         )
@@ -179,25 +178,4 @@ def create_app(
                 504, f"the request took longer than {settings.request_timeout_s:g} s"
             ) from None
 
-    def _pick(role: str, prompt_tokens: int) -> Instance:
-        candidates = pool.healthy(role)
-        if not candidates:
-            raise ProxyError(503, f"no {role} instance is available; retry later")
-        return policy.pick(role, candidates, prompt_tokens)
-
     return app
-
-
-def _estimate_prompt_tokens(body: dict[str, Any]) -> int:
-    """Rough prompt size for load balancing (about 4 characters per token)."""
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
-        return len(prompt)
-    if isinstance(prompt, str):
-        return len(prompt) // 4 + 1
-    if isinstance(prompt, list):
-        return sum(len(p) if isinstance(p, list) else len(str(p)) // 4 + 1 for p in prompt)
-    messages = body.get("messages")
-    if isinstance(messages, list):
-        return sum(len(str(m.get("content", ""))) // 4 + 1 for m in messages if isinstance(m, dict))
-    return 1

@@ -28,6 +28,7 @@ from fastapi.responses import Response
 
 from pd.proxy.errors import ProxyError
 from pd.proxy.flow import Leg, SequentialFlow, upstream_chunks
+from pd.transfer.params import KVTransferParams
 
 # Sampling fields whose effect depends on where the first token sits (in the prompt
 # or in the output), or on seeing the output from its start.
@@ -118,15 +119,18 @@ class FirstToken:
         return first
 
     def continuation(self, leg: Leg, params: dict[str, Any]) -> dict[str, Any]:
-        """The decode leg's body: the prompt plus this token, one token less to go."""
+        """The decode leg's body: the prompt plus this token, one token less to go.
+
+        ``params``: the prefill answer's ``kv_transfer_params``.
+        """
         body = dict(leg.body)
         ids = [*self.prompt_token_ids, self.token_id]
-        params = dict(params)
+        decode_params = KVTransferParams.from_dict(params)
         if leg.endpoint == "completions":
             body["prompt"] = ids
-        else:
-            params["prompt_token_ids"] = ids  # vLLM skips its chat template, uses these
-        body["kv_transfer_params"] = params
+        else:  # vLLM skips its chat template, uses these
+            decode_params = decode_params.replace(prompt_token_ids=tuple(ids))
+        body["kv_transfer_params"] = decode_params.to_dict()
         limit = _max_tokens(leg.endpoint, body)
         if limit is not None:
             key = "max_completion_tokens" if body.get("max_completion_tokens") else "max_tokens"
@@ -203,14 +207,15 @@ class FirstTokenFlow(SequentialFlow):
         after_prefill = time.monotonic()
         if isinstance(answer, Response):
             return answer  # prefill rejected the request: that is the answer
-        params = (answer or {}).get("kv_transfer_params")
+        assert leg.prefill is not None
+        params = self._kv_params(leg.prefill, answer) if answer else None
         first = FirstToken.from_answer(leg.endpoint, answer) if answer and params else None
-        if first is None:
+        if first is None or params is None:
             # No KV to hand over, or no token to continue from: as the sequential flow.
-            body = {**leg.body, "kv_transfer_params": params} if params else leg.body
+            body = {**leg.body, "kv_transfer_params": params.to_dict()} if params else leg.body
             self._observe_own_time(before_prefill - leg.started + time.monotonic() - after_prefill)
             return await self._decode_stream(leg, body)
-        body = first.continuation(leg, params)
+        body = first.continuation(leg, params.to_dict())
         self._metrics.first_tokens.inc()
         self._observe_own_time(before_prefill - leg.started + time.monotonic() - after_prefill)
         return self._stream_response(leg, self._stream(leg, first, body))

@@ -49,15 +49,13 @@ from fastapi.responses import Response, StreamingResponse
 from pd.proxy.errors import ProxyError
 from pd.proxy.instances import Instance, InstancePool
 from pd.proxy.metrics import ProxyMetrics
+from pd.transfer.params import KVTransferParams
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # Fields the prefill leg must not carry: it generates exactly one token, unstreamed.
 _PREFILL_DROPPED = ("stream_options", "min_tokens", "max_completion_tokens")
-# What a decode instance needs to reach a prefill instance's connector, from its answers.
-_KV_ADDRESS_KEYS = ("remote_engine_id", "remote_host", "remote_port", "remote_ports", "tp_size")
-_RENDEZVOUS_PROTOCOL = 2  # the first connector protocol version that answers a rendezvous
 _DISCONNECT_CHECK_S = 0.5
 
 
@@ -76,7 +74,7 @@ class Leg:
 
 
 # The prefill leg's outcome: the KV's params, the instance's 4xx answer, or None (failed).
-PrefillOutcome = dict[str, Any] | Response | None
+PrefillOutcome = KVTransferParams | Response | None
 
 
 class Flow(ABC):
@@ -113,9 +111,22 @@ class Flow(ABC):
         answer = await self._prefill_answer(leg, rendezvous=rendezvous)
         if not isinstance(answer, dict):
             return answer
-        params = answer.get("kv_transfer_params")
+        assert leg.prefill is not None
+        params = self._kv_params(leg.prefill, answer)
         self._learned(leg.prefill, params)
         return params
+
+    def _kv_params(self, inst: Instance, answer: dict[str, Any]) -> KVTransferParams | None:
+        """Where a prefill answer says the KV is; None if it says nothing usable."""
+        raw = answer.get("kv_transfer_params")
+        if not raw:
+            return None
+        try:
+            return KVTransferParams.from_dict(raw)
+        except ValueError as e:
+            self._metrics.fallbacks.inc()
+            logger.warning("prefill on %s answered %s; decode prefills itself", inst.name, e)
+            return None
 
     async def _prefill_answer(
         self, leg: Leg, rendezvous: str = "", **extra: Any
@@ -125,10 +136,8 @@ class Flow(ABC):
         ``extra`` fields go into the prefill leg's body.
         """
         body = {k: v for k, v in leg.body.items() if k not in _PREFILL_DROPPED}
-        params: dict[str, Any] = {"do_remote_decode": True}
-        if rendezvous:
-            params["pd_rendezvous"] = rendezvous
-        body.update(max_tokens=1, stream=False, n=1, kv_transfer_params=params, **extra)
+        params = KVTransferParams(do_remote_decode=True, pd_rendezvous=rendezvous or None)
+        body.update(max_tokens=1, stream=False, n=1, kv_transfer_params=params.to_dict(), **extra)
         inst = leg.prefill
         assert inst is not None, "a leg without prefill goes to serve_alone"
         inst.inflight_requests += 1
@@ -160,7 +169,7 @@ class Flow(ABC):
             return None
         return response.json()
 
-    def _learned(self, inst: Instance, params: dict[str, Any] | None) -> None:  # noqa: B027
+    def _learned(self, inst: Instance, params: KVTransferParams | None) -> None:  # noqa: B027
         """A prefill answer's params; the concurrent flow remembers the KV address."""
 
     # --- the decode leg ------------------------------------------------------------------
@@ -258,7 +267,7 @@ class SequentialFlow(Flow):
         after_prefill = time.monotonic()
         if isinstance(outcome, Response):
             return outcome  # prefill rejected the request: that is the answer
-        body = {**leg.body, "kv_transfer_params": outcome} if outcome else leg.body
+        body = {**leg.body, "kv_transfer_params": outcome.to_dict()} if outcome else leg.body
         self._observe_own_time(before_prefill - leg.started + time.monotonic() - after_prefill)
         return await self._decode_answer(leg, body)
 
@@ -269,15 +278,14 @@ class ConcurrentFlow(SequentialFlow):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._kv_addresses: dict[str, tuple[str | None, dict[str, Any]]] = {}
+        self._kv_addresses: dict[str, tuple[str | None, KVTransferParams]] = {}
         self._background: set[asyncio.Task] = set()
 
-    def _learned(self, inst: Instance, params: dict[str, Any] | None) -> None:
-        if params and params.get("pd_protocol_version", 0) >= _RENDEZVOUS_PROTOCOL:
-            address = {k: params[k] for k in _KV_ADDRESS_KEYS if k in params}
-            self._kv_addresses[inst.name] = (inst.url, address)
+    def _learned(self, inst: Instance, params: KVTransferParams | None) -> None:
+        if params is not None and params.answers_rendezvous():
+            self._kv_addresses[inst.name] = (inst.url, params.kv_address())
 
-    def _kv_address(self, inst: Instance) -> dict[str, Any] | None:
+    def _kv_address(self, inst: Instance) -> KVTransferParams | None:
         known = self._kv_addresses.get(inst.name)
         # A restarted instance serves on a new URL, with a new engine: learn it again.
         return known[1] if known is not None and known[0] == inst.url else None
@@ -288,10 +296,8 @@ class ConcurrentFlow(SequentialFlow):
         if address is None:
             return await super().serve(leg)
         tag = uuid.uuid4().hex
-        body = {
-            **leg.body,
-            "kv_transfer_params": {**address, "do_remote_prefill": True, "pd_rendezvous": tag},
-        }
+        params = address.replace(do_remote_prefill=True, pd_rendezvous=tag)
+        body = {**leg.body, "kv_transfer_params": params.to_dict()}
         prefill = asyncio.ensure_future(self._prefill(leg, rendezvous=tag))
         self._observe_own_time(time.monotonic() - leg.started)
         try:
@@ -374,7 +380,7 @@ class ConcurrentFlow(SequentialFlow):
 
 async def chunks_until(
     deadline: float, chunks: AsyncIterator[bytes], left: asyncio.Event
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """``chunks`` until they end; TimeoutError once ``deadline`` passes, LeftRotation
     once ``left`` is set (the instance producing them stopped answering)."""
     waiting: list[asyncio.Timeout] = []  # the wait for the next chunk, if one is on

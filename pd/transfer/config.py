@@ -7,12 +7,13 @@ extra configuration. Unknown keys and bad values raise ``ConfigError`` naming th
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Literal, get_args
 
 from pd import envs
+from pd.registry import transport_choices
 
-TRANSPORTS = ("auto", "zmq", "nixl")
-LOAD_FAILURE_POLICIES = ("recompute", "fail")
+LoadFailurePolicy = Literal["recompute", "fail"]  # vLLM's kv_load_failure_policy
+LOAD_FAILURE_POLICIES: tuple[str, ...] = get_args(LoadFailurePolicy)
 
 
 class ConfigError(ValueError):
@@ -41,12 +42,14 @@ class PDConnectorConfig:
     rendezvous_timeout_s: float = 120.0
     """Decode side: how long a request sent alongside its prefill waits for the prefill
     instance to finish the prompt before decode recomputes it."""
-    load_failure_policy: str = "recompute"
+    load_failure_policy: LoadFailurePolicy = "recompute"
     """What vLLM does when a load fails: ``recompute`` the prompt locally or ``fail``."""
 
     def __post_init__(self) -> None:
-        if self.transport not in TRANSPORTS:
-            raise ConfigError(f"transport: must be one of {TRANSPORTS}, got {self.transport!r}")
+        if self.transport not in transport_choices():
+            raise ConfigError(
+                f"transport: must be one of {transport_choices()}, got {self.transport!r}"
+            )
         if self.load_failure_policy not in LOAD_FAILURE_POLICIES:
             raise ConfigError(
                 f"load_failure_policy: must be one of {LOAD_FAILURE_POLICIES}, "
@@ -89,3 +92,9 @@ class PDConnectorConfig:
             except (TypeError, ValueError):
                 raise ConfigError(f"{name}: expected {kind.__name__}, got {value!r}") from None
         return cls(**values)
+
+
+def connector_default(name: str) -> Any:
+    """The default of one connector setting: declared once, above, for the cluster
+    schema (``pd.cluster.config.ConnectorSpec``) too."""
+    return {f.name: f.default for f in fields(PDConnectorConfig)}[name]

@@ -3,7 +3,8 @@
 ``PDConnectorMetadata`` goes scheduler -> workers once per engine step;
 ``PDHandshakeMetadata`` goes workers -> scheduler once at start-up (vLLM collects it
 with ``get_handshake_metadata`` and hands it to ``set_xfer_handshake_metadata``).
-``kv_transfer_params`` keys are vLLM's disaggregation protocol, shared with the proxy.
+``kv_transfer_params`` (vLLM's disaggregation protocol, shared with the proxy) are
+``pd.transfer.params.KVTransferParams``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorHandshakeMetadata,
     KVConnectorMetadata,
 )
+
+from pd.transfer.params import KVTransferParams
 
 
 @dataclass(frozen=True)
@@ -72,35 +75,42 @@ class PDConnectorMetadata(KVConnectorMetadata):
 
 
 def load_spec_from_params(
-    request_id: str, params: dict[str, Any], local_block_ids: list[int], reports_completion: bool
+    request_id: str,
+    params: KVTransferParams,
+    local_block_ids: list[int],
+    reports_completion: bool,
 ) -> LoadSpec:
     """Build a ``LoadSpec`` from a prefill instance's ``kv_transfer_params``.
 
     Raises ``ValueError`` naming the first missing or malformed key.
     """
-    try:
-        ports = params.get("remote_ports") or [params["remote_port"]]
-        rendezvous = str(params.get("pd_rendezvous") or "")
-        if rendezvous:
-            remote_request_id, remote_block_ids = "", []  # asked for before reading
-        else:
-            remote_request_id = str(params["remote_request_id"])
-            remote_block_ids = _tail([int(b) for b in params["remote_block_ids"]], local_block_ids)
-        return LoadSpec(
-            request_id=request_id,
-            remote_request_id=remote_request_id,
-            remote_engine_id=str(params["remote_engine_id"]),
-            remote_host=str(params["remote_host"]),
-            remote_ports=tuple(int(p) for p in ports),
-            remote_block_ids=tuple(remote_block_ids),
-            local_block_ids=tuple(local_block_ids),
-            reports_completion=reports_completion,
-            rendezvous=rendezvous,
-        )
-    except KeyError as e:
-        raise ValueError(f"kv_transfer_params lacks {e.args[0]!r}") from None
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"malformed kv_transfer_params: {e}") from None
+    rendezvous = params.pd_rendezvous or ""
+    if rendezvous:
+        remote_request_id, remote_block_ids = "", []  # asked for before reading
+    else:
+        remote_request_id = _required(params, "remote_request_id")
+        remote_block_ids = _tail(list(_required(params, "remote_block_ids")), local_block_ids)
+    ports = params.side_channel_ports()
+    if not ports:
+        raise ValueError("kv_transfer_params lacks 'remote_port'")
+    return LoadSpec(
+        request_id=request_id,
+        remote_request_id=remote_request_id,
+        remote_engine_id=_required(params, "remote_engine_id"),
+        remote_host=_required(params, "remote_host"),
+        remote_ports=ports,
+        remote_block_ids=tuple(remote_block_ids),
+        local_block_ids=tuple(local_block_ids),
+        reports_completion=reports_completion,
+        rendezvous=rendezvous,
+    )
+
+
+def _required(params: KVTransferParams, key: str) -> Any:
+    value = getattr(params, key)
+    if value is None:
+        raise ValueError(f"kv_transfer_params lacks {key!r}")
+    return value
 
 
 def _tail(remote_block_ids: list[int], local_block_ids: list[int]) -> list[int]:

@@ -18,12 +18,11 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 import zmq
 
-from pd.prefill.rendezvous import RendezvousBook
 from pd.transfer import messages as msg
 from pd.transfer.lease import LeaseTable
 from pd.transfer.stats import TransferCounters
@@ -44,6 +43,28 @@ class LoadCancelled(RuntimeError):
     """The decode request ended (an abort) while its load waited."""
 
 
+class RendezvousOutcome(Protocol):
+    """Where a rendezvous's KV is (``request_id``, ``block_ids``), or why none (``error``)."""
+
+    @property
+    def request_id(self) -> str: ...
+    @property
+    def block_ids(self) -> tuple[int, ...]: ...
+    @property
+    def error(self) -> str: ...
+
+
+class RendezvousAnswers(Protocol):
+    """What the server asks of the prefill role's rendezvous book
+    (``pd.prefill.rendezvous.RendezvousBook``), which the role passes in."""
+
+    @property
+    def memory_s(self) -> float: ...
+    def outcome(self, rendezvous: str) -> RendezvousOutcome | None: ...
+    def cancel(self, rendezvous: str) -> str | None: ...
+    def forget_old(self) -> None: ...
+
+
 class SideChannelServer:
     """Prefill side: answers ``Hello`` and ``Resolve``, applies ``Release``. One thread.
 
@@ -57,7 +78,7 @@ class SideChannelServer:
         port: int,
         welcome: msg.Welcome,
         leases: LeaseTable,
-        rendezvous: RendezvousBook,
+        rendezvous: RendezvousAnswers,
         counters: TransferCounters,
     ) -> None:
         self._host = host

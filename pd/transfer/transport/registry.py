@@ -1,30 +1,29 @@
-"""Transport names -> classes, imported lazily so an unused backend costs nothing."""
+"""Transport names -> classes, from pd's one registry (``pd.registry.TRANSPORTS``).
+
+Backends are imported only when a worker starts them, so an unused one costs nothing.
+"""
 
 from __future__ import annotations
 
-import importlib
-
+from pd.registry import AUTO_TRANSPORT, TRANSPORTS
 from pd.transfer.transport.base import KVTransport
 
-_TRANSPORTS: dict[str, str] = {}
+# The registry's own table, for code that lists or inspects registrations.
+_TRANSPORTS = TRANSPORTS.targets
 
 
 def register_transport(name: str, target: str) -> None:
     """Register ``"module.path:ClassName"`` under ``name``; names are unique."""
-    if name in _TRANSPORTS:
-        raise ValueError(f"transport {name!r} is already registered")
-    _TRANSPORTS[name] = target
+    TRANSPORTS.register(name, target)
 
 
 def available_transports() -> list[str]:
-    return sorted(_TRANSPORTS)
+    return sorted(TRANSPORTS.names())
 
 
 def get_transport_class(name: str) -> type[KVTransport]:
-    if name not in _TRANSPORTS:
-        raise ValueError(f"unknown transport {name!r}; available: {available_transports()}")
-    module_name, class_name = _TRANSPORTS[name].split(":")
-    return getattr(importlib.import_module(module_name), class_name)
+    transport: type[KVTransport] = TRANSPORTS.load(name)
+    return transport
 
 
 # Under ``auto``, the order in which transports are offered and tried with each peer.
@@ -39,17 +38,12 @@ def transport_candidates(requested: str) -> list[str]:
     """
     from pd.transfer.transport.nixl import nixl_available
 
-    if requested == "auto":
+    if requested == AUTO_TRANSPORT:
         return [n for n in AUTO_PREFERENCE if n != "nixl" or nixl_available()]
-    if requested not in _TRANSPORTS:
-        raise ValueError(f"unknown transport {requested!r}; available: {available_transports()}")
+    TRANSPORTS.check(requested)
     if requested == "nixl" and not nixl_available():
         raise ValueError(
             "transport 'nixl' was requested but NIXL does not import here; install it "
             "(scripts/setup.sh does) or use transport 'zmq' or 'auto'"
         )
     return [requested]
-
-
-register_transport("zmq", "pd.transfer.transport.zmq_tcp:ZmqTransport")
-register_transport("nixl", "pd.transfer.transport.nixl:NixlTransport")

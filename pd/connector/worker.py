@@ -2,8 +2,9 @@
 
 Built when vLLM registers its KV cache: describes the cache as regions
 (``layout``), starts the transports (under ``auto``: NIXL if it works here, and
-ZMQ), and runs the prefill role's producer and the decode role's consumer as the
-instance's ``kv_role`` asks.
+ZMQ), and runs the prefill role's producer (lease table and side-channel server) and
+the decode role's consumer as the instance's ``kv_role`` asks: a ``kv_consumer``
+serves no side channel (nobody asks a decode instance for KV), ``kv_both`` runs both.
 
 While transfers are pending and nothing else runs, vLLM steps the engine about a
 thousand times a second only to poll them (half a core on CPU, taken from whatever
@@ -74,20 +75,20 @@ class PDWorker:
             layout.bytes_per_block,
         )
         self._transports = self._start_transports(layout)
-        # Transports serve reads for any role: a consumer simply never grants leases.
-        self._producer = KVProducer(
-            engine_id=self._engine_id,
-            tp_rank=self._tp_rank,
-            transports=self._transports,
-            host=self._config.host,
-            side_channel_port=self._config.side_channel_port + self._tp_rank
-            if self._config.side_channel_port
-            else 0,
-            lease_timeout_s=self._config.lease_timeout_s,
-            counters=self.counters,
-            on_release=self._progress.set,
-        )
-        self._producer.start()
+        if self._is_producer:
+            self._producer = KVProducer(
+                engine_id=self._engine_id,
+                tp_rank=self._tp_rank,
+                transports=self._transports,
+                host=self._config.host,
+                side_channel_port=self._config.side_channel_port + self._tp_rank
+                if self._config.side_channel_port
+                else 0,
+                lease_timeout_s=self._config.lease_timeout_s,
+                counters=self.counters,
+                on_release=self._progress.set,
+            )
+            self._producer.start()
         if self._is_consumer:
             self._consumer = KVConsumer(
                 engine_id=self._engine_id,
@@ -120,8 +121,8 @@ class PDWorker:
         return started
 
     def _authorize(self, request_id: str, block_ids: list[int]) -> bool:
-        assert self._producer is not None
-        return self._producer.leases.may_read(request_id, block_ids)
+        """Reads of this worker's blocks: only of leased ones, so never on decode only."""
+        return self._producer is not None and self._producer.leases.may_read(request_id, block_ids)
 
     def handshake_metadata(self) -> PDHandshakeMetadata | None:
         if self._producer is None:

@@ -1,0 +1,73 @@
+"""The model's tokenizer in the proxy, for routing policies that ask for token ids.
+
+Loaded on first use (a policy that never asks costs nothing) and run off the event
+loop. It tokenizes as vLLM's OpenAI server does: a completion prompt with the
+tokenizer's special tokens, a chat through the model's chat template. A tokenizer
+that cannot be loaded is reported once; routing then goes by load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+class ModelTokenizer:
+    def __init__(self, model: str) -> None:
+        """``model``: a local model folder or hub id, as ``vllm serve`` takes it."""
+        self._model = model
+        self._tokenizer: Any = None
+        self._failed = False
+        self._lock = threading.Lock()
+
+    async def token_ids(self, endpoint: str, body: dict[str, Any]) -> list[int] | None:
+        prompt = body.get("prompt")
+        if endpoint == "completions":
+            if isinstance(prompt, list) and len(prompt) == 1:
+                prompt = prompt[0]  # a batch of one
+            if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+                return list(prompt)
+            if not isinstance(prompt, str):
+                return None  # several prompts: no single prompt to route by
+            return await asyncio.to_thread(self._tokenize, prompt, body)
+        return await asyncio.to_thread(self._tokenize, None, body)
+
+    def _tokenize(self, prompt: str | None, body: dict[str, Any]) -> list[int] | None:
+        """``prompt``'s ids, or (None) those of the chat in ``body``."""
+        tokenizer = self._load()
+        if tokenizer is None:
+            return None
+        try:
+            if prompt is not None:
+                return [int(t) for t in tokenizer.encode(prompt)]
+            ids = tokenizer.apply_chat_template(
+                body.get("messages") or [],
+                tools=body.get("tools"),
+                add_generation_prompt=body.get("add_generation_prompt", True),
+                continue_final_message=body.get("continue_final_message", False),
+                tokenize=True,
+                **(body.get("chat_template_kwargs") or {}),
+            )
+            if not isinstance(ids, list):  # transformers versions differ: a BatchEncoding
+                ids = ids["input_ids"]
+            return [int(t) for t in ids]
+        except Exception as e:  # a template that rejects these messages: vLLM will say so
+            logger.debug("routing: cannot tokenize a request: %r", e)
+            return None
+
+    def _load(self) -> Any:
+        with self._lock:
+            if self._tokenizer is None and not self._failed:
+                try:
+                    from transformers import AutoTokenizer
+
+                    self._tokenizer = AutoTokenizer.from_pretrained(self._model)
+                except Exception as e:
+                    self._failed = True
+                    logger.warning("routing: the tokenizer of %s did not load (%r); "
+                                   "routing goes by load", self._model, e)  # fmt: skip
+            return self._tokenizer
