@@ -102,6 +102,7 @@ async def _serve(cluster: Cluster, plan: ClusterPlan) -> int:
                 max_n=config.proxy.max_n,
                 max_model_len=_decode_max_model_len(plan),
                 api_key=config.proxy.resolved_api_key(),
+                tokenizer=_tokenizer_of(plan),
             ),
             http,
         )
@@ -127,6 +128,14 @@ async def _serve(cluster: Cluster, plan: ClusterPlan) -> int:
         print("pd-serve: Ctrl-C to stop", flush=True)
         await server.serve()
         return 0 if server.started else 1
+
+
+def _tokenizer_of(plan: ClusterPlan) -> str:
+    """What the instances tokenize with: vLLM's ``tokenizer`` argument, else the model.
+    Routing policies that ask for a request's token ids get them from it."""
+    config = plan.config
+    tokenizer = {**config.engine_args, **config.decode.engine_args}.get("tokenizer")
+    return str(tokenizer or plan.by_role("decode")[0].model)
 
 
 def _decode_max_model_len(plan: ClusterPlan) -> int | None:
