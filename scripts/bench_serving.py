@@ -25,6 +25,8 @@ from serving_bench.run import run
 from serving_bench.settings import FULL, SMOKE, WORKLOADS
 from serving_bench.systems import ALL_SYSTEMS, DEFAULT_SYSTEMS, PD_DEFAULT
 
+from pd.transfer.transport.nixl import nixl_available
+
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
 
 
@@ -63,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         out_dir = args.out_dir or Path(tempfile.mkdtemp(prefix="bench-serving-smoke-"))
         if out_dir.resolve() == RESULTS:
             parser.error(f"--smoke never writes over {RESULTS}")
-        systems = args.systems or [PD_DEFAULT]
+        # pd's default; without NIXL here, the one pd system on the other transport
+        systems = args.systems or [PD_DEFAULT if nixl_available() else "pd-zmq-first-token"]
     else:
         out_dir = args.out_dir or RESULTS
         systems = args.systems or DEFAULT_SYSTEMS

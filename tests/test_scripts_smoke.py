@@ -12,7 +12,9 @@ produced.
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -84,6 +86,16 @@ def check_reliability(run: subprocess.CompletedProcess[str], out: Path) -> None:
     assert "FAILED" not in text, text
 
 
+def check_bench_serving(run: subprocess.CompletedProcess[str], out: Path) -> None:
+    data = json.loads((out / "serving.json").read_text())
+    (system, row), *others = data["results"]["smoke"].items()
+    assert not others and row["completed"] == row["num_prompts"] > 0 and row["failed"] == 0
+    assert row["p50_ttft_ms"] > 0 and row["output_throughput"] > 0 and row["cpu_cores"], row
+    assert data["overhead"][system]["pd_ttft_p50_ms"] > 0, data["overhead"]
+    assert f"| smoke | {system} |" in (out / "serving.md").read_text()
+    assert (out / "serving.png").stat().st_size > 0
+
+
 SMOKES = [
     ScriptSmoke(
         "bench_transfer.py", ("--smoke", "--out", "{out}/transfer.md"), check_bench_transfer
@@ -101,6 +113,13 @@ SMOKES = [
         check_reliability,
         engines=True,
         timeout_s=800,
+    ),
+    ScriptSmoke(
+        "bench_serving.py",
+        ("--smoke", "--out-dir", "{out}"),
+        check_bench_serving,
+        engines=True,
+        timeout_s=600,
     ),
 ]
 
@@ -124,3 +143,15 @@ def test_script_smoke(smoke: ScriptSmoke, tmp_path: Path) -> None:
     output = f"stdout:\n{run.stdout[-4000:]}\nstderr:\n{run.stderr[-4000:]}"
     assert run.returncode == smoke.expected_returncode(), output
     smoke.check(run, tmp_path)
+
+
+def test_bench_serving_replot(tmp_path: Path) -> None:
+    """serving.png is a function of serving.json alone: redrawn from the committed one."""
+    shutil.copy(REPO / "bench" / "results" / "serving.json", tmp_path)
+    command = [sys.executable, str(REPO / "scripts" / "bench_serving.py"), "--replot",
+               "--out-dir", str(tmp_path)]  # fmt: skip
+    run = subprocess.run(
+        command, cwd=REPO, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert (tmp_path / "serving.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
