@@ -5,8 +5,9 @@ The keys are vLLM's disaggregation protocol (``do_remote_decode``,
 ``remote_block_ids``, ...) plus pd's own (``remote_ports``, ``remote_num_tokens``,
 ``pd_rendezvous``, ...). The proxy writes them on each leg, the prefill scheduler
 answers with them, the decode scheduler reads them. A key that is absent stays absent
-(``None``), and keys pd does not know are kept (``extra``), so a dict read and written
-back is the same dict: what goes over the wire is exactly what went before.
+(``None``; a JSON null reads as absent), and keys pd does not know are kept
+(``extra``), so a dict read and written back is the same dict: what goes over the wire
+is exactly what went before.
 
 No vLLM import here: the proxy uses this too.
 """
