@@ -20,6 +20,9 @@ from pd.vllm_server import VllmServer
 from tests.harness import clusters, vllm
 from tests.harness.vllm import test_server
 
+# Tests not marked `engines` cannot start one (so `-m "not engines"` starts none).
+pytest_plugins = ["tests.harness.engine_guard"]
+
 
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:

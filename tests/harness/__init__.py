@@ -7,6 +7,7 @@
     waiting.py        bounded polling
     kv_layouts.py     small vLLM-shaped KV caches for transport tests
     fake_upstream.py  fake vLLM instances for engine-free proxy tests
+    engine_guard.py   the plugin that keeps engines out of tests not marked `engines`
 
 The pd-serve launcher is pd.serve_process; the fault and load scenarios, their client
 and outcome checks are scripts/scenarios (scripts must not import tests).
