@@ -2,8 +2,10 @@
 
 vLLM servers: the reference (``reference_server``) for the whole session. pd-serve
 clusters: one ``ClusterPool`` for the session, one cluster running at a time; each
-``*_cluster`` fixture asks it for its config, so that modules of the same config
-share a start-up. The run's summary counts the start-ups.
+``*_cluster`` fixture asks it for its config, so that consecutive modules of the same
+config share a start-up. A cluster is stopped as soon as the next module does not use
+it, so it never runs beside another module's engines. The run's summary counts the
+start-ups.
 """
 
 from __future__ import annotations
@@ -47,13 +49,31 @@ def reference(reference_server, tiny_model) -> tuple[OpenAI, str]:
     return OpenAI(base_url=f"{reference_server.url}/v1", api_key="unused"), str(tiny_model)
 
 
+_POOL = clusters.ClusterPool()
+# The fixtures that take a cluster from the pool, by name.
+CLUSTER_FIXTURES = ("local_cluster", "concurrent_cluster", "first_token_cluster", "fault_cluster")
+
+
 @pytest.fixture(scope="session")
 def cluster_pool() -> Iterator[clusters.ClusterPool]:
-    pool = clusters.ClusterPool()
     try:
-        yield pool
+        yield _POOL
     finally:
-        pool.close()
+        _POOL.close()
+
+
+def _clusters_used(item: pytest.Item | None) -> set[str]:
+    return set(CLUSTER_FIXTURES) & set(getattr(item, "fixturenames", ()))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    """At a module's end, stop its cluster unless the next module starts with the same."""
+    leaving_module = nextitem is None or getattr(nextitem, "module", None) is not getattr(
+        item, "module", None
+    )
+    if leaving_module and not _clusters_used(item) & _clusters_used(nextitem):
+        _POOL.close()
 
 
 @pytest.fixture(scope="module")
