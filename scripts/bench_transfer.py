@@ -46,6 +46,7 @@ STEP_TIMEOUT_S = 60
 class KVShape:
     """The KV cache being moved: one prompt's blocks in a cache with some to spare."""
 
+    model: str = "Llama-3-8B"  # whose KV shape this is
     num_layers: int = 32
     num_kv_heads: int = 8
     head_dim: int = 128
@@ -69,14 +70,15 @@ class KVShape:
     def describe(self) -> str:
         return (
             f"{self.payload_nbytes / 2**20:.3g} MiB, the KV of a {self.prompt_tokens}-token "
-            f"prompt ({self.num_layers} layers, {self.num_kv_heads} KV heads, head dim "
+            f"prompt shaped like {self.model}'s ({self.num_layers} layers, "
+            f"{self.num_kv_heads} KV heads, head dim "
             f"{self.head_dim}, bf16) in {self.num_request_blocks} blocks of "
             f"{self.block_size} tokens"
         )
 
 
 LLAMA_3_8B = KVShape()
-SMOKE = KVShape(num_layers=2, num_kv_heads=2, head_dim=32, prompt_tokens=256)
+SMOKE = KVShape("a tiny model", num_layers=2, num_kv_heads=2, head_dim=32, prompt_tokens=256)
 
 
 def make_caches(shape: KVShape, fill: bool, device: str = "cpu") -> dict[str, torch.Tensor]:
