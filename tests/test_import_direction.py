@@ -17,7 +17,7 @@ LAYERS: list[list[str]] = [
     ["pd.cli", "pd.serve_process"],
     ["pd.cluster", "pd.proxy"],
     ["pd.connector"],
-    ["pd.prefill", "pd.decode"],
+    ["pd.prefill", "pd.decode", "pd.store"],
     ["pd.transfer"],
     ["base"],
 ]

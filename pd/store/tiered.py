@@ -1,0 +1,148 @@
+"""The node's store as its callers see it: a host-memory tier over a disk tier.
+
+- ``lookup_prefix`` (scheduler side, once per request): how many leading blocks
+  are stored, and in which tier, without reading them.
+- ``get`` (worker side, per block loaded): host first, else disk; a disk hit is
+  copied up into the host tier (promotion), so the next load of it is from memory.
+- ``put`` (a saver thread, per block saved): into the host tier and written
+  through to disk in the same call. Write-through, not write-back on host
+  eviction: a crash or restart loses nothing already saved, and the host tier's
+  eviction stays a dictionary pop, never a disk write on the loading path. The cost
+  is one disk write per saved block, paid on the saver thread.
+
+Either tier may be absent (``host_gib: 0``, ``disk_path: null``). Nothing here
+raises for a miss, a corrupt entry or a failed write: the caller recomputes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pd.store.disk import DiskTier
+from pd.store.host import HostTier
+from pd.store.keys import BlockKey, StoreNamespace
+from pd.store.stats import StoreStats
+from pd.store.tier import Payload
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PrefixHit:
+    """The leading stored blocks, counted by the tier a load reads each from.
+
+    A block in both tiers counts as host. The split is what a load will read from
+    where, were nothing evicted meanwhile (a block evicted before its load is a
+    failed load: vLLM recomputes it).
+    """
+
+    host_blocks: int = 0
+    disk_blocks: int = 0
+
+    @property
+    def num_blocks(self) -> int:
+        return self.host_blocks + self.disk_blocks
+
+
+class TieredStore:
+    """Host tier over disk tier, for any number of namespaces (keys carry theirs)."""
+
+    def __init__(self, host: HostTier | None, disk: DiskTier | None) -> None:
+        self.host = host
+        self.disk = disk
+        self._lock = threading.Lock()
+        self._lookups = 0
+        self._lookup_blocks = 0
+        self._lookup_host_blocks = 0
+        self._lookup_disk_blocks = 0
+        self._promotions = 0
+
+    def open(self) -> None:
+        """Open the disk tier (rebuilding its index) and log what the store holds."""
+        if self.disk is not None:
+            self.disk.open()
+        logger.info("KV store: %s", self.describe())
+
+    def close(self) -> None:
+        if self.disk is not None:
+            self.disk.close()
+
+    def describe(self) -> str:
+        """One line: each tier's size and, for disk, what was recovered at open."""
+        parts = []
+        if self.host is not None:
+            parts.append(f"host {_gib(self.host.capacity_bytes)}")
+        if self.disk is not None:
+            s = self.disk.stats()
+            parts.append(
+                f"disk {_gib(s.capacity_bytes)} at {self.disk.root} "
+                f"(recovered {s.entries} entries, {_gib(s.usage_bytes)}; "
+                f"{self.disk.temp_files_removed} temp files removed)"
+            )
+        return ", ".join(parts) or "no tiers (disabled)"
+
+    def register_namespace(self, namespace: StoreNamespace) -> None:
+        if self.disk is not None:
+            self.disk.register_namespace(namespace)
+
+    def lookup_prefix(self, keys: Sequence[BlockKey]) -> PrefixHit:
+        host_blocks = disk_blocks = 0
+        for key in keys:
+            if self.host is not None and self.host.contains(key):
+                host_blocks += 1
+            elif self.disk is not None and self.disk.contains(key):
+                disk_blocks += 1
+            else:
+                break
+        with self._lock:
+            self._lookups += 1
+            self._lookup_blocks += len(keys)
+            self._lookup_host_blocks += host_blocks
+            self._lookup_disk_blocks += disk_blocks
+        return PrefixHit(host_blocks, disk_blocks)
+
+    def contains(self, key: BlockKey) -> bool:
+        return (self.host is not None and self.host.contains(key)) or (
+            self.disk is not None and self.disk.contains(key)
+        )
+
+    def get(self, key: BlockKey) -> bytes | None:
+        if self.host is not None:
+            data = self.host.get(key)
+            if data is not None:
+                return data
+        if self.disk is None:
+            return None
+        data = self.disk.get(key)
+        if data is not None and self.host is not None and self.host.put(key, data):
+            with self._lock:
+                self._promotions += 1
+        return data
+
+    def put(self, key: BlockKey, data: Payload) -> bool:
+        """Store in every tier; True when at least one tier holds the block."""
+        stored = False
+        if self.host is not None:
+            stored = self.host.put(key, data)
+        if self.disk is not None:
+            stored = self.disk.put(key, data) or stored
+        return stored
+
+    def stats(self) -> StoreStats:
+        with self._lock:
+            return StoreStats(
+                host=self.host.stats() if self.host is not None else None,
+                disk=self.disk.stats() if self.disk is not None else None,
+                lookups=self._lookups,
+                lookup_blocks=self._lookup_blocks,
+                lookup_host_blocks=self._lookup_host_blocks,
+                lookup_disk_blocks=self._lookup_disk_blocks,
+                promotions=self._promotions,
+            )
+
+
+def _gib(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB"
