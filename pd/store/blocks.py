@@ -56,5 +56,5 @@ def as_payload(block: torch.Tensor | np.ndarray) -> memoryview:
     """A tensor's or array's bytes (C order) as a buffer ``put`` accepts, copied to host."""
     if isinstance(block, torch.Tensor):
         flat = block.detach().to("cpu").contiguous().reshape(-1)
-        return memoryview(flat.view(torch.uint8).numpy())
-    return memoryview(np.ascontiguousarray(block).reshape(-1).view(np.uint8))
+        return flat.view(torch.uint8).numpy().data
+    return np.ascontiguousarray(block).reshape(-1).view(np.uint8).data
