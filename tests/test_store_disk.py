@@ -111,9 +111,21 @@ def _flip_a_payload_bit(path: Path) -> None:
     path.write_bytes(data)
 
 
-def _flip_a_header_bit(path: Path) -> None:
+def _flip_a_length_bit(path: Path) -> None:
     data = bytearray(path.read_bytes())
-    data[HEADER.size - 40] ^= 0x80  # inside the payload length
+    data[40] ^= 0x80  # the payload length's low byte
+    path.write_bytes(data)
+
+
+def _flip_a_namespace_bit(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[8] ^= 0x01  # the namespace digest's first byte
+    path.write_bytes(data)
+
+
+def _flip_a_checksum_bit(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[HEADER.size - 1] ^= 0x01
     path.write_bytes(data)
 
 
@@ -121,7 +133,17 @@ def _torn(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: HEADER.size // 2])
 
 
-@pytest.mark.parametrize("damage", [_truncate, _flip_a_payload_bit, _flip_a_header_bit, _torn])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        _truncate,
+        _torn,
+        _flip_a_payload_bit,
+        _flip_a_length_bit,
+        _flip_a_namespace_bit,
+        _flip_a_checksum_bit,
+    ],
+)
 def test_a_damaged_entry_reads_as_a_miss_and_is_counted_and_removed(
     disk: DiskTier, damage: Callable[[Path], None], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -305,7 +327,7 @@ def test_using_a_tier_before_open_is_a_programming_error(tmp_path: Path) -> None
 def test_the_header_names_the_format(disk: DiskTier) -> None:
     k = keys(1)[0]
     head, body = encode_entry(k, payload(k))
-    magic, version, key_len, ns, payload_len, checksum = HEADER.unpack(head[: HEADER.size])
+    magic, version, key_len, ns, payload_len, crc = HEADER.unpack(head[: HEADER.size])
     assert (magic, version, key_len, ns, payload_len) == (b"PDKV", 1, 32, k.namespace, 1000)
     assert head[HEADER.size :] == k.block_hash and bytes(body) == payload(k)
-    assert len(checksum) == 32
+    assert HEADER.size == 52 and 0 <= crc < 2**32

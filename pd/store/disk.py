@@ -20,12 +20,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import itertools
 import logging
 import os
 import struct
 import threading
+import zlib
 from collections import OrderedDict
 from pathlib import Path
 
@@ -37,10 +37,11 @@ logger = logging.getLogger(__name__)
 
 MAGIC = b"PDKV"
 FORMAT_VERSION = 1
-# magic, format version, key length, namespace digest, payload length, sha256 checksum
-# (over this header with the checksum zeroed, the key and the payload).
-HEADER = struct.Struct("<4sHH32sQ32s")
-_ZERO_CHECKSUM = bytes(32)
+# magic, format version, key length, namespace digest, payload length, CRC-32 (zlib)
+# over this header with the CRC zeroed, the key and the payload. CRC-32, not sha256:
+# it guards against torn and decayed files, not an adversary (the key is compared
+# byte for byte), and measured about 2.4x faster here (docs/store.md).
+HEADER = struct.Struct("<4sHH32sQI")
 _SUFFIX = ".kv"
 _TEMP_SUFFIX = ".tmp"
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
@@ -61,21 +62,9 @@ def encode_entry(key: BlockKey, data: Payload) -> tuple[bytes, memoryview]:
     if not payload.c_contiguous:
         payload = memoryview(bytes(payload))
     payload = payload.cast("B")
-    unsigned = HEADER.pack(
-        MAGIC, FORMAT_VERSION, len(key.block_hash), key.namespace, payload.nbytes, _ZERO_CHECKSUM
-    )
-    checksum = hashlib.sha256(unsigned)
-    checksum.update(key.block_hash)
-    checksum.update(payload)
-    header = HEADER.pack(
-        MAGIC,
-        FORMAT_VERSION,
-        len(key.block_hash),
-        key.namespace,
-        payload.nbytes,
-        checksum.digest(),
-    )
-    return header + key.block_hash, payload
+    fields = (MAGIC, FORMAT_VERSION, len(key.block_hash), key.namespace, payload.nbytes)
+    crc = zlib.crc32(payload, zlib.crc32(key.block_hash, zlib.crc32(HEADER.pack(*fields, 0))))
+    return HEADER.pack(*fields, crc) + key.block_hash, payload
 
 
 def read_entry(path: Path, key: BlockKey) -> bytes:
@@ -85,7 +74,7 @@ def read_entry(path: Path, key: BlockKey) -> bytes:
         head = f.read(HEADER.size)
         if len(head) != HEADER.size:
             raise CorruptEntry(f"{file_nbytes} bytes, shorter than the header")
-        magic, version, key_len, namespace, payload_len, checksum = HEADER.unpack(head)
+        magic, version, key_len, namespace, payload_len, crc = HEADER.unpack(head)
         if magic != MAGIC:
             raise CorruptEntry(f"bad magic {magic!r}")
         if version != FORMAT_VERSION:
@@ -98,10 +87,9 @@ def read_entry(path: Path, key: BlockKey) -> bytes:
         if namespace != key.namespace or block_hash != key.block_hash:
             raise CorruptEntry("entry is for another key")
         payload = f.read(payload_len)
-    expected = hashlib.sha256(head[: HEADER.size - 32] + _ZERO_CHECKSUM)
-    expected.update(block_hash)
-    expected.update(payload)
-    if len(payload) != payload_len or expected.digest() != checksum:
+    unsigned = HEADER.pack(magic, version, key_len, namespace, payload_len, 0)
+    expected = zlib.crc32(payload, zlib.crc32(block_hash, zlib.crc32(unsigned)))
+    if len(payload) != payload_len or expected != crc:
         raise CorruptEntry("checksum mismatch")
     return payload
 
