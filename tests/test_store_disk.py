@@ -84,6 +84,29 @@ def test_a_restart_rebuilds_the_index_and_returns_the_same_bytes(disk: DiskTier)
         again.close()
 
 
+def test_files_that_are_not_entries_are_left_alone(disk: DiskTier) -> None:
+    k = keys(1)[0]
+    disk.put(k, payload(k))
+    fan = disk.path_of(k).parent
+    strangers = [
+        disk.root / "README",
+        disk.root / "not-hex" / "ab" / "cd.kv",
+        fan / "notes.txt",
+        fan / "odd.kv",
+        fan / ("ab" * 65 + ".kv"),  # a 65-byte "hash": longer than any BlockKey
+    ]
+    for path in strangers:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("someone else's")
+    again = reopen(disk)
+    try:
+        assert again.stats().recovered_entries == 1
+        assert all(path.exists() for path in strangers)
+        assert again.get(k) == payload(k)
+    finally:
+        again.close()
+
+
 def test_recency_survives_a_restart_and_a_smaller_cap_evicts_the_oldest(
     disk: DiskTier,
 ) -> None:

@@ -133,6 +133,8 @@ class DiskTier(Tier):
         then serves what it finds and stores nothing.
         """
         with self._lock:
+            if self._opened:
+                return
             try:
                 self.root.mkdir(parents=True, exist_ok=True)
             except OSError as e:
@@ -175,6 +177,10 @@ class DiskTier(Tier):
             namespace = _from_hex(ns_dir.name)
             if namespace is None or len(namespace) != 32:
                 continue
+            for entry in _files(ns_dir):  # namespace.json's temp file
+                if entry.name.endswith(_TEMP_SUFFIX):
+                    self._unlink(Path(entry.path))
+                    self.temp_files_removed += 1
             for fan_dir in _subdirs(ns_dir):
                 for entry in _files(fan_dir):
                     name = entry.name
@@ -183,7 +189,7 @@ class DiskTier(Tier):
                         self.temp_files_removed += 1
                         continue
                     block_hash = _from_hex(name.removesuffix(_SUFFIX))
-                    if not name.endswith(_SUFFIX) or block_hash is None or not block_hash:
+                    if not name.endswith(_SUFFIX) or not block_hash or len(block_hash) > 64:
                         continue  # not ours: leave it alone
                     try:
                         stat = entry.stat()
