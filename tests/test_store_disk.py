@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from pd.store import DiskTier, DiskTierInUse
-from pd.store.disk import HEADER, encode_entry
+from pd.store.entry import HEADER, encode_entry
 from tests.store_helpers import NAMESPACE, bytes_under, files_under, keys, namespace, payload
 
 ENTRY_NBYTES = HEADER.size + 32 + 1000  # header, 32-byte block hash, 1000-byte payload

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pd.store import DiskTier, HostTier, PrefixHit, TieredStore
-from pd.store.disk import HEADER
+from pd.store.entry import HEADER
 from tests.store_helpers import bytes_under, keys, payload
 
 ENTRY_NBYTES = HEADER.size + 32 + 1000

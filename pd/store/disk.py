@@ -6,7 +6,7 @@ Layout under ``root`` (one directory may hold many namespaces; the cap covers al
     <namespace hex>/namespace.json   what the namespace is, for people (never read back)
     <namespace hex>/<hh>/<block hash hex>.kv
 
-Each ``.kv`` file is ``HEADER`` + the block hash + the payload, written to a temp
+Each ``.kv`` file is one entry (``pd.store.entry``), written to a temp
 file beside it and renamed into place (``os.replace``), so a reader sees a whole
 entry or none. The index (key -> file size, in LRU order) lives in memory; at
 ``open()`` it is rebuilt from the file names, oldest modification time first (a hit
@@ -23,25 +23,17 @@ import fcntl
 import itertools
 import logging
 import os
-import struct
 import threading
-import zlib
 from collections import OrderedDict
 from pathlib import Path
 
+from pd.store.entry import CorruptEntry, encode_entry, read_entry
 from pd.store.keys import BlockKey, StoreNamespace
 from pd.store.stats import TierCounters, TierStats, WarningLimiter
 from pd.store.tier import Payload, Tier
 
 logger = logging.getLogger(__name__)
 
-MAGIC = b"PDKV"
-FORMAT_VERSION = 1
-# magic, format version, key length, namespace digest, payload length, CRC-32 (zlib)
-# over this header with the CRC zeroed, the key and the payload. CRC-32, not sha256:
-# it guards against torn and decayed files, not an adversary (the key is compared
-# byte for byte), and measured about 2.4x faster here (docs/store.md).
-HEADER = struct.Struct("<4sHH32sQI")
 _SUFFIX = ".kv"
 _TEMP_SUFFIX = ".tmp"
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
@@ -50,48 +42,6 @@ _READ_ONLY = {errno.EROFS, errno.EACCES, errno.EPERM}
 
 class DiskTierInUse(RuntimeError):
     """Another process owns this directory (holds its ``.lock``)."""
-
-
-class CorruptEntry(ValueError):
-    """An entry's bytes are not a whole, matching, intact block."""
-
-
-def encode_entry(key: BlockKey, data: Payload) -> tuple[bytes, memoryview]:
-    """(header + key, payload) of one entry file."""
-    payload = memoryview(data)
-    if not payload.c_contiguous:
-        payload = memoryview(bytes(payload))
-    payload = payload.cast("B")
-    fields = (MAGIC, FORMAT_VERSION, len(key.block_hash), key.namespace, payload.nbytes)
-    crc = zlib.crc32(payload, zlib.crc32(key.block_hash, zlib.crc32(HEADER.pack(*fields, 0))))
-    return HEADER.pack(*fields, crc) + key.block_hash, payload
-
-
-def read_entry(path: Path, key: BlockKey) -> bytes:
-    """The payload of ``key``'s entry file; ``CorruptEntry`` unless it is whole and intact."""
-    with path.open("rb") as f:
-        file_nbytes = os.fstat(f.fileno()).st_size
-        head = f.read(HEADER.size)
-        if len(head) != HEADER.size:
-            raise CorruptEntry(f"{file_nbytes} bytes, shorter than the header")
-        magic, version, key_len, namespace, payload_len, crc = HEADER.unpack(head)
-        if magic != MAGIC:
-            raise CorruptEntry(f"bad magic {magic!r}")
-        if version != FORMAT_VERSION:
-            raise CorruptEntry(f"format version {version}, expected {FORMAT_VERSION}")
-        if file_nbytes != HEADER.size + key_len + payload_len:
-            raise CorruptEntry(
-                f"{file_nbytes} bytes, header says {HEADER.size + key_len + payload_len}"
-            )
-        block_hash = f.read(key_len)
-        if namespace != key.namespace or block_hash != key.block_hash:
-            raise CorruptEntry("entry is for another key")
-        payload = f.read(payload_len)
-    unsigned = HEADER.pack(magic, version, key_len, namespace, payload_len, 0)
-    expected = zlib.crc32(payload, zlib.crc32(block_hash, zlib.crc32(unsigned)))
-    if len(payload) != payload_len or expected != crc:
-        raise CorruptEntry("checksum mismatch")
-    return payload
 
 
 class DiskTier(Tier):
