@@ -152,6 +152,10 @@ def _flip_a_checksum_bit(path: Path) -> None:
     path.write_bytes(data)
 
 
+def _extended(path: Path) -> None:
+    path.write_bytes(path.read_bytes() + b"\0" * 4096)  # e.g. a file system replaying a journal
+
+
 def _torn(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: HEADER.size // 2])
 
@@ -161,6 +165,7 @@ def _torn(path: Path) -> None:
     [
         _truncate,
         _torn,
+        _extended,
         _flip_a_payload_bit,
         _flip_a_length_bit,
         _flip_a_namespace_bit,
