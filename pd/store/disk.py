@@ -99,6 +99,7 @@ class DiskTier(Tier):
             self._opened = True
 
     def close(self) -> None:
+        """Release the directory. Stop the threads calling get/put first: they raise after."""
         with self._lock:
             self._opened = False
             if self._lock_fd is not None:
