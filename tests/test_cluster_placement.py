@@ -3,6 +3,8 @@ instance and the resources; an actor that waits for resources is reported as suc
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -95,5 +97,32 @@ def test_an_actor_waiting_for_resources_held_elsewhere_is_named(tmp_path, own_ra
         lines.clear()
         watch.report(["pd-prefill-0"])
         assert lines == []
+
+        # The same cluster joined by address: one CPU cannot hold 2 x 1 CPU.
+        address = ray.get_runtime_context().gcs_address
+        joined = plan_of(
+            tmp_path,
+            "prefill: {resources: {cpus: 1}}\ndecode: {resources: {cpus: 1}}\n"
+            f"ray: {{address: '{address}'}}",
+        )
+        lines.clear()  # a joined cluster may grow: say so and keep waiting
+        assert PlacementWatch(joined, lines.append).fail_fast() is None
+        assert lines == [
+            "pd-prefill-0 needs CPU 1; the cluster has CPU 1 in total and pd-decode-0 take "
+            "the rest: waiting in case the cluster grows or frees resources "
+            "(up to timeouts.startup_s=600s)"
+        ]
+        # pd-serve --dry-run checks the plan against that cluster's nodes.
+        config = tmp_path / "joined.yaml"
+        config.write_text(
+            "model: {preset: tiny}\nprefill: {resources: {cpus: 1}}\n"
+            f"decode: {{resources: {{cpus: 1}}}}\nray: {{address: '{address}'}}\n"
+        )
+        result = subprocess.run(
+            [Path(sys.executable).with_name("pd-serve"), "--config", str(config), "--dry-run"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert result.returncode == 2, result.stderr
+        assert "does not fit: pd-prefill-0 needs CPU 1; the cluster has CPU 1" in result.stderr
     finally:
         ray.shutdown()
