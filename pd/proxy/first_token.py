@@ -27,7 +27,7 @@ from typing import Any
 from fastapi.responses import Response
 
 from pd.proxy.errors import ProxyError
-from pd.proxy.flow import Leg, SequentialFlow, upstream_chunks
+from pd.proxy.flow import Leg, SequentialFlow, until_disconnect, upstream_chunks
 from pd.transfer.params import KVTransferParams
 
 # Sampling fields whose effect depends on where the first token sits (in the prompt
@@ -203,7 +203,10 @@ class FirstTokenFlow(SequentialFlow):
         if not qualifies(leg.endpoint, leg.body, self._chat_output_parsed):
             return await super().serve(leg)
         before_prefill = time.monotonic()
-        answer = await self._prefill_answer(leg, return_token_ids=True)
+        # As in the sequential flow: a client that leaves during prefill aborts it.
+        answer = await until_disconnect(
+            leg.request, self._prefill_answer(leg, return_token_ids=True)
+        )
         after_prefill = time.monotonic()
         if isinstance(answer, Response):
             return answer  # prefill rejected the request: that is the answer

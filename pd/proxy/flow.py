@@ -185,7 +185,7 @@ class Flow(ABC):
         inst.inflight_requests += 1
         post = self._http.post(f"{inst.url}/v1/{leg.endpoint}", json=body, timeout=self._timeout)
         try:
-            response = await _until_disconnect(leg.request, self._on_decode(inst, post))
+            response = await until_disconnect(leg.request, self._on_decode(inst, post))
         finally:
             inst.inflight_requests -= 1
         return Response(response.content, response.status_code, media_type="application/json")
@@ -263,7 +263,7 @@ class SequentialFlow(Flow):
 
     async def serve(self, leg: Leg) -> Response:
         before_prefill = time.monotonic()
-        outcome = await _until_disconnect(leg.request, self._prefill(leg))
+        outcome = await until_disconnect(leg.request, self._prefill(leg))
         after_prefill = time.monotonic()
         if isinstance(outcome, Response):
             return outcome  # prefill rejected the request: that is the answer
@@ -338,7 +338,7 @@ class ConcurrentFlow(SequentialFlow):
                         if isinstance(fallback, Response)
                         else await self._decode(leg, leg.body)
                     )
-            return await _until_disconnect(leg.request, decode)
+            return await until_disconnect(leg.request, decode)
         finally:
             if not decode.done():
                 decode.cancel()
@@ -361,7 +361,7 @@ class ConcurrentFlow(SequentialFlow):
                     if isinstance(fallback, Response):
                         return fallback
                     return await self._decode_stream(leg, leg.body)
-            chunk = await _until_disconnect(leg.request, self._on_decode(leg.decode, first))
+            chunk = await until_disconnect(leg.request, self._on_decode(leg.decode, first))
             committed = True
             return self._stream_response(leg, upstream_chunks(upstream, chunk, chunks))
         finally:
@@ -478,7 +478,7 @@ async def _first_of(request: Request, *futures: asyncio.Future) -> None:
             raise ProxyError(499, "client disconnected")
 
 
-async def _until_disconnect(request: Request, call: Awaitable[Any]) -> Any:
+async def until_disconnect(request: Request, call: Awaitable[Any]) -> Any:
     """Await an upstream call, cancelling it (vLLM aborts) if the client goes away."""
     task = asyncio.ensure_future(call)
     try:
