@@ -1,0 +1,170 @@
+"""Find the node's store process, or start it.
+
+``ensure_server(config, wait_s)``: ping ``<socket_dir>/store.sock``; if nobody answers,
+take ``<socket_dir>/spawn.lock`` (flock, non-blocking) and start ``pd.store.server``
+detached: its own session (a vLLM worker's process group being killed does not reach
+it), stdin closed, stdout and stderr appended to ``<socket_dir>/store.log``. The lock's
+file descriptor is handed to the server, which closes it once it serves (or knows it
+will not), so a racing caller that finds the lock taken waits for that server instead
+of starting another: of any number of racers, one starts a server. ``wait_s`` bounds
+how long a caller waits for it to answer (0: start it and return).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import zmq
+
+import pd
+from pd.store import protocol
+from pd.store.config import StoreConfig
+
+logger = logging.getLogger(__name__)
+
+SPAWN_LOCK = "spawn.lock"
+LOG_FILE = "store.log"
+_PING_INTERVAL_S = 0.05
+
+_contexts: dict[int, zmq.Context[zmq.Socket[bytes]]] = {}
+_contexts_lock = threading.Lock()
+
+
+def context() -> zmq.Context[zmq.Socket[bytes]]:
+    """This process's ZMQ context for store sockets (a forked child makes its own)."""
+    pid = os.getpid()
+    with _contexts_lock:
+        ctx = _contexts.get(pid)
+        if ctx is None:
+            ctx = _contexts[pid] = zmq.Context()
+        return ctx
+
+
+def ping(config: StoreConfig, timeout_ms: int | None = None) -> int | None:
+    """The serving store's pid, or None when nobody answers within ``timeout_ms``."""
+    timeout_ms = config.timeout_ms if timeout_ms is None else timeout_ms
+    if not _listening(config.socket_path):
+        return None
+    sock = context().socket(zmq.DEALER)
+    try:
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        sock.connect(config.endpoint)
+        request = protocol.encode_request(0, os.getpid(), protocol.Ping())
+        deadline = time.monotonic() + timeout_ms / 1000
+        while True:  # with IMMEDIATE, a send before the connection is up raises Again
+            try:
+                sock.send(request, zmq.NOBLOCK)
+                break
+            except zmq.Again:
+                if time.monotonic() >= deadline:
+                    return None
+                time.sleep(0.005)
+        remaining_ms = max(1, int((deadline - time.monotonic()) * 1000))
+        if not sock.poll(remaining_ms):
+            return None
+        _, reply = protocol.decode_reply(sock.recv())
+        return reply.server_pid if isinstance(reply, protocol.Ok) else None
+    except (zmq.ZMQError, protocol.ProtocolError):
+        return None
+    finally:
+        sock.close(linger=0)
+
+
+def _listening(path: str) -> bool:
+    """Whether a process accepts connections on ``path`` (a killed server's stale socket
+    file refuses at once, where ZMQ would retry until the ping's deadline)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
+def ensure_server(config: StoreConfig, wait_s: float) -> bool:
+    """Whether a store serves ``config.socket_dir`` now, starting one if none does.
+
+    Waits at most about ``wait_s`` (plus one ping) for a starting server to answer.
+    Never raises: a store that cannot start is a store that misses.
+    """
+    try:
+        if ping(config) is not None:
+            return True
+        socket_dir = Path(str(config.socket_dir))
+        socket_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        lock_fd = os.open(socket_dir / SPAWN_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as e:
+        logger.warning("KV store at %s unavailable: %s", config.socket_dir, e)
+        return False
+    try:
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _wait_for(config, wait_s)  # another caller is starting one
+        # Checked again under the lock: a server may have come up since the ping, or
+        # live but be too busy to answer one.
+        if ping(config) is not None:
+            return True
+        # A server too busy to answer may still hold the socket dir: the one started
+        # here then sees its lock taken and exits at once.
+        _start(config, lock_fd, socket_dir)
+    except OSError as e:
+        logger.warning("cannot start the KV store in %s: %s", config.socket_dir, e)
+        return False
+    finally:
+        os.close(lock_fd)  # the server holds its own copy until it serves
+    return _wait_for(config, wait_s)
+
+
+def _start(config: StoreConfig, lock_fd: int, socket_dir: Path) -> None:
+    env = dict(os.environ)
+    # The server runs in socket_dir; pd must import from there as it does here.
+    pd_root = str(Path(pd.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (pd_root, env.get("PYTHONPATH")) if p)
+    command = [
+        sys.executable,
+        "-m",
+        "pd.store.server",
+        "--config",
+        json.dumps(config.to_dict()),
+        "--owner-pid",
+        str(os.getpid()),
+        "--spawn-lock-fd",
+        str(lock_fd),
+    ]
+    with open(socket_dir / LOG_FILE, "ab") as log:
+        process = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=socket_dir,
+            env=env,
+            pass_fds=(lock_fd,),
+            start_new_session=True,
+        )
+    logger.info("started the KV store process %d (log: %s)", process.pid, socket_dir / LOG_FILE)
+    # Reap it when it exits, so it leaves no zombie behind while this process lives.
+    threading.Thread(target=process.wait, name="store-reaper", daemon=True).start()
+
+
+def _wait_for(config: StoreConfig, wait_s: float) -> bool:
+    deadline = time.monotonic() + wait_s
+    while True:
+        if ping(config) is not None:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(_PING_INTERVAL_S)
