@@ -12,7 +12,8 @@ starts it, detached, on a client's first call). It
   threads (``TieredStore`` is thread-safe; disk reads and writes release the GIL);
 - lives while any client process lives: every request carries its sender's pid, and
   the server exits once ``linger_s`` (30 s) passed with no request and none of the
-  pids it has seen (nor the one that started it) is alive. A client that comes later
+  pids it has seen (nor the one that started it) is alive. A ``Ping`` carries pid 0
+  and keeps nothing alive. A client that comes later
   starts a new one, which finds the disk tier's entries again (the host tier's are
   gone with the process). SIGTERM or SIGINT stop it at once.
 """
@@ -282,7 +283,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--spawn-lock-fd", type=int, default=None)
     args = parser.parse_args(argv)
     setup_logging()
-    config = StoreConfig.from_dict(json.loads(args.config))
+    try:
+        config = StoreConfig.from_dict(json.loads(args.config))
+    except ValueError as e:  # json.JSONDecodeError is one too
+        parser.exit(2, f"pd.store.server: bad --config: {e}\n")
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

@@ -59,7 +59,7 @@ def ping(config: StoreConfig, timeout_ms: int | None = None) -> int | None:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IMMEDIATE, 1)
         sock.connect(config.endpoint)
-        request = protocol.encode_request(0, os.getpid(), protocol.Ping())
+        request = protocol.encode_request(0, 0, protocol.Ping())  # pid 0: not a client
         deadline = time.monotonic() + timeout_ms / 1000
         while True:  # with IMMEDIATE, a send before the connection is up raises Again
             try:
