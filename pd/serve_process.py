@@ -6,7 +6,8 @@ its own (several pd clusters may share a host, and a second Ray driver started w
 ``ray_env`` finds this cluster and no other). It runs in its own process group;
 ``wait_ready`` polls the proxy's /health, bounded, and raises with the tail of the
 pd-serve output; ``instances`` finds each instance's ``vllm serve`` process (name,
-role, pid, URL); ``stop`` sends SIGINT (Ctrl-C) and SIGKILLs whatever is left.
+role, pid, URL); ``stop`` sends SIGINT (Ctrl-C) and SIGKILLs whatever is left;
+``interrupt`` is Ctrl-C at a terminal (the whole process group, as often as asked).
 
 ``local_config`` is configs/local.yaml with overrides deep-merged in: the one way to
 derive a cluster config. Single vLLM servers are pd.vllm_server.VllmServer.
@@ -240,6 +241,19 @@ class PdServeProcess:
                 self.kill()
                 return None
         return self.proc.returncode
+
+    def interrupt(self, times: int = 1, timeout_s: float = 180) -> int:
+        """Ctrl-C as a terminal sends it: SIGINT to pd-serve's process group, not to
+        pd-serve alone (unlike ``stop``, nothing stopped is resumed first); ``times`` > 1:
+        again each second, as an impatient user does. pd-serve's exit code; after
+        ``timeout_s`` everything is killed and TimeoutExpired raised."""
+        for n in range(times):
+            if n:
+                time.sleep(1)
+            if self.running():
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.pid, signal.SIGINT)
+        return self.wait_exit(timeout_s)
 
     def kill(self) -> None:
         """SIGKILL pd-serve, its process group and every process it started."""

@@ -11,12 +11,10 @@ listened on; a restarted instance answers as before.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,7 +25,12 @@ import psutil
 import pytest
 
 from pd.guardian import EXIT_LOCKED
-from pd.vllm_server import VllmServer, free_port
+from pd.serve_process import PdServeProcess
+from pd.vllm_server import VllmServer
+from tests.harness import clusters
+from tests.harness.openai_api import SERVED, client_of
+from tests.harness.ray_driver import actor_info, kill_actor, wait_restarted
+from tests.harness.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 GONE_WITHIN_S = 30  # the guardian's grace is 5 s; the rest is slack for a loaded machine
@@ -218,145 +221,65 @@ def test_an_incarnation_that_never_ends_is_a_clear_error(tmp_path):
 # --- pd-serve: instances whose actors die ---------------------------------------------
 
 
-class PdServe:
-    """``pd-serve --config configs/local.yaml`` with a Ray temp dir of its own, so that a
-    second driver's ``address="auto"`` finds this cluster and no other."""
+def instance_tree(serve: PdServeProcess, name: str) -> Snapshot:
+    """Every process of instance ``name`` now: its actor's worker and all below it."""
+    return Snapshot.of([psutil.Process(actor_info(serve, name)["actor_pid"])])
 
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = Path(tempfile.mkdtemp(prefix="pd-lifecycle-")) / "pd-serve.log"
-        self.env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="pd-ray-", dir="/tmp")}
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [Path(sys.executable).with_name("pd-serve"), "--config",
-                 str(REPO / "configs/local.yaml"), "--port", str(self.port)],
-                stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=REPO,
-                start_new_session=True,  # its own group, as a terminal's foreground job
-            )  # fmt: skip
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-6000:]
-
-    def healthy(self) -> bool:
-        try:
-            return httpx.get(f"{self.url}/health", timeout=5).json().get("status") == "ok"
-        except (httpx.HTTPError, ValueError):
-            return False
-
-    def wait_healthy(self, timeout_s: float = 600) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not self.healthy():
-            assert self.proc.poll() is None, f"pd-serve exited:\n{self.log()}"
-            assert time.monotonic() < deadline, f"not healthy in {timeout_s}s:\n{self.log()}"
-            time.sleep(2)
-
-    def complete(self) -> str:
-        body = {"model": "pd-tiny", "prompt": "The lifecycle of a process", "max_tokens": 12,
-                "temperature": 0}  # fmt: skip
-        response = httpx.post(f"{self.url}/v1/completions", json=body, timeout=120)
-        response.raise_for_status()
-        return response.json()["choices"][0]["text"]
-
-    def ray(self, code: str) -> object:
-        """Run ``code`` in a second Ray driver; what it assigns to ``result`` (JSON)."""
-        script = (
-            "import json, ray\n"
-            "ray.init(address='auto', namespace='pd', logging_level='ERROR')\n"
-            f"{code}\n"
-            "print(json.dumps(result))\n"
-        )
-        done = subprocess.run(
-            [sys.executable, "-c", script], capture_output=True, text=True, timeout=180,
-            env=self.env, cwd=REPO,
-        )  # fmt: skip
-        assert done.returncode == 0, done.stderr[-3000:]
-        return json.loads(done.stdout.strip().splitlines()[-1])
-
-    def info(self, name: str) -> dict:
-        return self.ray(
-            "import dataclasses\n"
-            f"result = dataclasses.asdict(ray.get(ray.get_actor({name!r}).info.remote()))"
-        )
-
-    def instance(self, name: str) -> Snapshot:
-        """Every process of instance ``name`` now: its actor's worker and all below it."""
-        return Snapshot.of([psutil.Process(self.info(name)["actor_pid"])])
-
-    def wait_restarted(self, name: str, incarnation: int, timeout_s: float = 600) -> None:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            info = self.info(name)
-            if info["incarnation"] >= incarnation and info["state"] == "ready":
-                break
-            assert info["state"] != "failed", f"{name} failed to restart:\n{self.log()}"
-            assert time.monotonic() < deadline, f"{name} not back in {timeout_s}s: {info}"
-            time.sleep(3)
-        self.wait_healthy(timeout_s)
-
-    def interrupt(self, times: int = 1, timeout_s: float = 180) -> int:
-        """Ctrl-C, as a terminal sends it: SIGINT to pd-serve's whole process group;
-        ``times`` > 1: again each second, as an impatient user does."""
-        for n in range(times):
-            if n:
-                time.sleep(1)
-            if self.proc.poll() is None:
-                os.killpg(self.proc.pid, signal.SIGINT)
-        return self.proc.wait(timeout=timeout_s)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=180)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+def complete(serve: PdServeProcess) -> str:
+    """A greedy completion through the proxy."""
+    reply = client_of(serve).completions.create(
+        model=SERVED, prompt="The lifecycle of a process", max_tokens=12, temperature=0
+    )
+    return reply.choices[0].text
 
 
 @dataclass
 class Served:
-    serve: PdServe
+    serve: PdServeProcess
     answer: str  # the greedy answer before any fault
 
 
 @pytest.fixture(scope="module")
 def served() -> Iterator[Served]:
-    serve = PdServe()
+    """configs/local.yaml as a user starts it, in a cluster of this module's own (not the
+    session pool's): its tests kill actors and finally shut it down."""
+    serve = PdServeProcess(clusters.LOCAL).start()
     try:
-        serve.wait_healthy()
-        yield Served(serve, serve.complete())
+        serve.wait_ready()
+        yield Served(serve, complete(serve))
     finally:
-        serve.close()
+        serve.stop()
 
 
 @pytest.mark.engines
 def test_ray_kill_of_an_actor_ends_its_engine(served):
     serve = served.serve
-    before = serve.instance("pd-prefill-0")
+    before = instance_tree(serve, "pd-prefill-0")
     assert len(before.processes) >= 5, "worker, shim, guardian, API server, EngineCore"
-    serve.ray("ray.kill(ray.get_actor('pd-prefill-0'), no_restart=False)\nresult = 0")
+    kill_actor(serve, "pd-prefill-0")
     before.wait_gone("pd-prefill-0 after ray.kill of its actor")
-    serve.wait_restarted("pd-prefill-0", incarnation=1)
-    assert serve.complete() == served.answer
+    wait_restarted(serve, "pd-prefill-0", incarnation=1)
+    serve.wait_ready()
+    assert complete(serve) == served.answer
 
 
 @pytest.mark.engines
 def test_sigkill_of_an_actors_worker_ends_its_engine(served):
     serve = served.serve
-    before = serve.instance("pd-decode-0")
-    os.kill(serve.info("pd-decode-0")["actor_pid"], signal.SIGKILL)
+    before = instance_tree(serve, "pd-decode-0")
+    os.kill(actor_info(serve, "pd-decode-0")["actor_pid"], signal.SIGKILL)
     before.wait_gone("pd-decode-0 after kill -9 of its actor's worker")
-    serve.wait_restarted("pd-decode-0", incarnation=1)
-    assert serve.complete() == served.answer
+    wait_restarted(serve, "pd-decode-0", incarnation=1)
+    serve.wait_ready()
+    assert complete(serve) == served.answer
 
 
 @pytest.mark.engines
 def test_shutdown_after_restarts_leaves_nothing(served):
     serve = served.serve
-    everything = Snapshot.of([psutil.Process(serve.proc.pid)])
-    serve.proc.send_signal(signal.SIGTERM)
-    assert serve.proc.wait(timeout=180) == 0, serve.log()
+    everything = Snapshot.of([psutil.Process(serve.pid)])
+    assert serve.stop(signal.SIGTERM, timeout_s=180) == 0, serve.log()
     everything.wait_gone("after pd-serve stopped")
 
 
@@ -365,32 +288,30 @@ def test_ctrl_c_during_startup_ends_started_engines():
     """Ctrl-C, twice, of a pd-serve still waiting for an instance (decode, held stopped
     here so that start-up cannot finish first) ends every instance, the ready one
     included, even when the second Ctrl-C cuts pd-serve's own shutdown short."""
-    serve = PdServe()
+    serve = PdServeProcess(clusters.LOCAL).start()
+    held = ready = False
+
+    def decode_held_and_prefill_ready() -> bool:
+        nonlocal held, ready
+        assert serve.running(), serve.log()
+        instances = serve.instances()
+        decode, prefill = instances.get("pd-decode-0"), instances.get("pd-prefill-0")
+        with contextlib.suppress(psutil.Error):
+            if decode is not None and not held and psutil.Process(decode.pid).children():
+                decode.stop()  # SIGSTOP of its group: its engine has started
+                held = True
+        if prefill is not None:
+            with contextlib.suppress(httpx.HTTPError):
+                ready = httpx.get(f"{prefill.url}/health").status_code == 200
+        return held and ready
+
     try:
-        deadline = time.monotonic() + 600
-        held = ready = False
-        while not (held and ready):
-            assert serve.proc.poll() is None, serve.log()
-            assert time.monotonic() < deadline, f"start-up did not get far:\n{serve.log()}"
-            for proc in psutil.Process(serve.proc.pid).children(recursive=True):
-                try:
-                    cmdline = proc.cmdline()
-                    if "serve" not in cmdline or os.getpgid(proc.pid) != proc.pid:
-                        continue
-                    log_name = Path(os.readlink(f"/proc/{proc.pid}/fd/1")).stem
-                    port = cmdline[cmdline.index("--port") + 1]
-                except (psutil.Error, OSError, ValueError):
-                    continue
-                if log_name == "pd-decode-0" and not held and proc.children():
-                    os.killpg(proc.pid, signal.SIGSTOP)  # its engine has started
-                    held = True
-                if log_name == "pd-prefill-0":
-                    with contextlib.suppress(httpx.HTTPError):
-                        ready = httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
-            time.sleep(1)
-        everything = Snapshot.of([psutil.Process(serve.proc.pid)])
+        assert wait_for(decode_held_and_prefill_ready, 600, interval_s=1), (
+            f"start-up did not get far:\n{serve.log()}"
+        )
+        everything = Snapshot.of([psutil.Process(serve.pid)])
         serve.interrupt(times=2)
         assert "OpenAI API at" not in serve.log(), "start-up finished before the Ctrl-C"
         everything.wait_gone("after Ctrl-C during start-up")
     finally:
-        serve.close()
+        serve.stop()

@@ -3,7 +3,7 @@
     clusters.py       pd-serve clusters, one running at a time, shared by config
     vllm.py           single vLLM servers with test defaults (pd's VllmServer)
     openai_api.py     the requests, clients and metric readings of the pd-serve tests
-    ray_driver.py     a second Ray driver that asks a cluster's actors about themselves
+    ray_driver.py     a second Ray driver: a cluster's actors' info, ray.kill, restarts
     waiting.py        bounded polling
     kv_layouts.py     small vLLM-shaped KV caches for transport tests
     fake_upstream.py  fake vLLM instances for engine-free proxy tests
