@@ -74,10 +74,12 @@ def _why_not(name: str, wanted: dict[str, float], nodes: list[Node]) -> str:
         where = "the machine" if len(nodes) == 1 else f"its largest node ({biggest.name})"
         has = fmt({kind: biggest.total.get(kind, 0.0) for kind in shown})
         return f"{name} needs {fmt(wanted)}, more than {where} has in total ({has})"
-    taken = ", ".join(h for n in nodes for h in n.holders)
+    holders = [h for n in nodes for h in n.holders]
+    verb = "takes" if len(holders) == 1 else "take"
     return (
         f"{name} needs {fmt(wanted)}; the cluster has "
-        f"{fmt({kind: total[kind] for kind in shown})} in total and {taken} take the rest"
+        f"{fmt({kind: total[kind] for kind in shown})} in total and {', '.join(holders)} "
+        f"{verb} the rest"
     )
 
 
