@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pd.registry import FLOWS, ROUTING_POLICIES, transport_choices
+from pd.store.config import StoreConfig
 from pd.transfer.config import connector_default
 
 # `vllm serve` arguments pd sets itself for every instance.
@@ -195,6 +196,10 @@ class ClusterConfig(_Strict):
     transport: str = connector_default("transport")
     """KV transport: ``zmq`` (TCP), ``nixl``, or ``auto`` (the best available)."""
     connector: ConnectorSpec = Field(default_factory=ConnectorSpec)
+    store: dict[str, Any] | None = None
+    """The node's KV store (``pd.store.config.StoreConfig`` keys: ``host_gib``,
+    ``disk_path``, ``disk_gib``, ``save_decode``, ...), passed to every instance's
+    connector; absent: no store."""
     proxy: ProxySpec = Field(default_factory=ProxySpec)
     timeouts: Timeouts = Field(default_factory=Timeouts)
     ray: RaySpec = Field(default_factory=RaySpec)
@@ -210,6 +215,18 @@ class ClusterConfig(_Strict):
     @classmethod
     def _not_reserved(cls, value: dict[str, Any]) -> dict[str, Any]:
         return _check_engine_args(value)
+
+    @field_validator("store")
+    @classmethod
+    def _valid_store(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is None:
+            return None
+        try:
+            store = StoreConfig.from_dict(value)
+        except ValueError as e:
+            raise ValueError(f"store.{e}") from None
+        # Instances may start in another directory: pass the disk tier's path absolute.
+        return {**value, "disk_path": store.disk_path} if store.disk_path else dict(value)
 
     @property
     def served_model_name(self) -> str:

@@ -179,6 +179,7 @@ def _vllm_args(config: ClusterConfig, role: str, spec: RoleSpec) -> list[str]:
         "kv_connector_extra_config": {
             "transport": config.transport,
             **config.connector.model_dump(),
+            **({"store": config.store} if config.store is not None else {}),
         },
     }
     return [

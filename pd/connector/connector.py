@@ -22,6 +22,11 @@ Worker side (each worker process)
 
 Which halves exist follows ``kv_role``: ``kv_producer`` prefill only,
 ``kv_consumer`` decode only, ``kv_both`` both (the proxy decides per request).
+
+With ``"store"`` in ``kv_connector_extra_config``, any role also reuses KV through the
+node's KV store (``pd.connector.store_side``): a request not loading from a prefill
+peer loads the longest stored prefix beyond the local prefix-cache hit, and every
+finished request's full blocks are saved.
 """
 
 from __future__ import annotations
@@ -37,6 +42,12 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorTransferResults,
 )
 
+from pd.connector.store_side import (
+    StoreScheduler,
+    bytes_per_block_id,
+    extra_store_config,
+    store_namespace,
+)
 from pd.connector.worker import PDWorker
 from pd.decode.scheduler_side import DecodeScheduler
 from pd.log import setup_logging
@@ -54,6 +65,7 @@ if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
 logger = logging.getLogger(__name__)
@@ -76,9 +88,14 @@ class PDConnector(KVConnectorBase_V1):
         except ValueError as e:
             raise ValueError(f"PDConnector: {e}") from None
         engine_id = transfer_config.engine_id
+        try:
+            store_config = extra_store_config(self.config.store)
+        except ValueError as e:
+            raise ValueError(f"PDConnector: {e}") from None
 
         self._prefill: PrefillScheduler | None = None
         self._decode: DecodeScheduler | None = None
+        self._store: StoreScheduler | None = None
         self._worker: PDWorker | None = None
         if role == KVConnectorRole.SCHEDULER:
             # Read by vLLM's scheduler right after this constructor: pd recomputes a
@@ -88,25 +105,43 @@ class PDConnector(KVConnectorBase_V1):
                 self._prefill = PrefillScheduler(engine_id, self.config.transport)
             if transfer_config.is_kv_consumer:
                 self._decode = DecodeScheduler()
+            if store_config is not None:
+                from pd.store.client import StoreClient
+
+                # The scheduler looks up rank 0's blocks; a rank missing one reports it
+                # failed and vLLM recomputes it.
+                self._store = StoreScheduler(
+                    StoreClient(store_config),
+                    store_namespace(vllm_config, kv_cache_config, tp_rank=0),
+                    block_size=vllm_config.cache_config.block_size,
+                    save_decode=store_config.save_decode,
+                )
             logger.info(
-                "pd: connector ready (engine %s, role %s, transport %s)",
+                "pd: connector ready (engine %s, role %s, transport %s, store %s)",
                 engine_id,
                 transfer_config.kv_role,
                 "/".join(transports),
+                store_config.to_dict() if store_config else "off",
             )
         else:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
             assert kv_cache_config is not None, "vLLM passes kv_cache_config to workers"
+            tp_rank = get_tensor_model_parallel_rank()
             self._worker = PDWorker(
                 config=self.config,
                 transport_names=transports,
                 engine_id=engine_id,
-                tp_rank=get_tensor_model_parallel_rank(),
+                tp_rank=tp_rank,
                 num_blocks=kv_cache_config.num_blocks,
                 block_size=vllm_config.cache_config.block_size,
                 is_producer=transfer_config.is_kv_producer,
                 is_consumer=transfer_config.is_kv_consumer,
+                store_config=store_config,
+                store_namespace=store_namespace(vllm_config, kv_cache_config, tp_rank)
+                if store_config
+                else None,
+                store_bytes_per_block=bytes_per_block_id(kv_cache_config),
             )
 
     # --- scheduler side ---------------------------------------------------------------
@@ -114,15 +149,21 @@ class PDConnector(KVConnectorBase_V1):
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int | None, bool]:
-        if self._decode is None:
-            return 0, False
-        return self._decode.get_num_new_matched_tokens(request, num_computed_tokens)
+        if _loads_from_prefill(request):
+            if self._decode is None:
+                return 0, False
+            return self._decode.get_num_new_matched_tokens(request, num_computed_tokens)
+        if self._store is not None:
+            return self._store.get_num_new_matched_tokens(request, num_computed_tokens)
+        return 0, False
 
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
     ) -> None:
         if self._decode is not None:
             self._decode.update_state_after_alloc(request, blocks, num_external_tokens)
+        if self._store is not None:
+            self._store.update_state_after_alloc(request, blocks, num_external_tokens)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         metadata = PDConnectorMetadata(idle_step=scheduler_output.total_num_scheduled_tokens == 0)
@@ -132,16 +173,36 @@ class PDConnector(KVConnectorBase_V1):
             )
         if self._decode is not None:
             metadata.loads, metadata.cancelled_loads = self._decode.take_loads()
+        if self._store is not None:
+            metadata.store_loads, metadata.store_saves = self._store.take()
         return metadata
 
     def request_finished(
         self, request: Request, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
+        delay_free, params = False, None
         if self._prefill is not None and _asks_for_decode(request):
-            return self._prefill.request_finished(request, block_ids)
-        if self._decode is not None:
+            delay_free, params = self._prefill.request_finished(request, block_ids)
+        elif self._decode is not None:
             self._decode.request_finished(request)
-        return False, None
+        if self._store is not None:
+            # Held by a prefill lease already, the blocks outlive the copy: the lease's
+            # end frees them (the worker waits for the copy); else the save holds them.
+            saving = self._store.request_finished(
+                request, block_ids, reports_completion=not delay_free
+            )
+            delay_free = delay_free or saving
+        return delay_free, params
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        if self._store is not None and connector_output.finished_sending:
+            self._store.saves_copied(connector_output.finished_sending)
+
+    def has_pending_push_work(self) -> bool:
+        return self._store is not None and self._store.holds_blocks
+
+    def has_pending_block_frees(self) -> bool:
+        return self._store is not None and self._store.holds_blocks
 
     def set_xfer_handshake_metadata(
         self, metadata: dict[int, KVConnectorHandshakeMetadata]
@@ -185,12 +246,20 @@ class PDConnector(KVConnectorBase_V1):
         results = self.get_transfer_results(finished_req_ids)
         return results.finished_sending or None, results.finished_recving or None
 
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self._worker.take_load_errors() if self._worker else set()
+
     def get_kv_connector_stats(self) -> PDConnectorStats | None:
-        return self._worker.stats() if self._worker else None
+        if self._worker is not None:
+            return self._worker.stats()
+        # Scheduler side: the store's lookups (hits and misses in tokens).
+        return self._store.counters.snapshot() if self._store else None
 
     def shutdown(self) -> None:
         if self._worker is not None:
             self._worker.close()
+        if self._store is not None:
+            self._store.close()
 
     # --- stats ----------------------------------------------------------------------------
 
@@ -203,6 +272,15 @@ class PDConnector(KVConnectorBase_V1):
         cls, vllm_config, metric_types, labelnames, per_engine_labelvalues
     ) -> PDPromMetrics:
         return PDPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
+
+def _loads_from_prefill(request: Request) -> bool:
+    """The request's prompt KV comes (or came) from a prefill instance: not the store's."""
+    try:
+        params = KVTransferParams.from_dict(request.kv_transfer_params)
+    except ValueError:
+        return False
+    return bool(params.do_remote_prefill or params.pd_rendezvous)
 
 
 def _asks_for_decode(request: Request) -> bool:

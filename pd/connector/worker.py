@@ -10,6 +10,9 @@ While transfers are pending and nothing else runs, vLLM steps the engine about a
 thousand times a second only to poll them (half a core on CPU, taken from whatever
 shares it). An idle step therefore waits up to ``IDLE_STEP_WAIT_S`` for a transfer
 to end, and returns the moment one does.
+
+With a store configured, ``StoreWorker`` (``pd.connector.store_side``) loads stored
+blocks and saves finished ones beside the transports.
 """
 
 from __future__ import annotations
@@ -19,8 +22,11 @@ import threading
 
 import torch
 
+from pd.connector.store_side import StoreWorker
 from pd.decode.kv_consumer import KVConsumer
 from pd.prefill.kv_producer import KVProducer
+from pd.store.config import StoreConfig
+from pd.store.keys import StoreNamespace
 from pd.transfer.config import PDConnectorConfig
 from pd.transfer.layout import KVCacheLayout
 from pd.transfer.metadata import PDConnectorMetadata, PDHandshakeMetadata
@@ -44,6 +50,9 @@ class PDWorker:
         block_size: int,
         is_producer: bool,
         is_consumer: bool,
+        store_config: StoreConfig | None = None,
+        store_namespace: StoreNamespace | None = None,
+        store_bytes_per_block: int | None = None,
     ) -> None:
         self._config = config
         self._transport_names = transport_names
@@ -59,6 +68,12 @@ class PDWorker:
         self._consumer: KVConsumer | None = None
         self._progress = threading.Event()  # a load or lease ended
         self._idle_step = False
+        self._store_config = store_config
+        self._store_namespace = store_namespace
+        self._store_bytes_per_block = store_bytes_per_block
+        self._store: StoreWorker | None = None
+        self._load_errors: set[int] = set()
+        self._held_sending: set[str] = set()  # lease ended, store copy not yet
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         layout = KVCacheLayout.from_kv_caches(kv_caches, self._num_blocks, self._block_size)
@@ -102,6 +117,18 @@ class PDWorker:
                 on_result=self._progress.set,
             )
             self._consumer.start()
+        if self._store_config is not None:
+            from pd.store.client import StoreClient
+
+            assert self._store_namespace is not None
+            self._store = StoreWorker(
+                StoreClient(self._store_config),
+                self._store_namespace,
+                layout,
+                self.counters,
+                expected_bytes_per_block=self._store_bytes_per_block,
+                on_result=self._progress.set,
+            )
 
     def _start_transports(self, layout: KVCacheLayout) -> list[KVTransport]:
         started: list[KVTransport] = []
@@ -140,6 +167,9 @@ class PDWorker:
         if metadata.loads or metadata.cancelled_loads:
             assert self._consumer is not None, "loads scheduled on an instance without kv_consumer"
             self._consumer.submit(metadata.loads, metadata.cancelled_loads)
+        if metadata.store_loads or metadata.store_saves:
+            assert self._store is not None, "store work scheduled on a worker without a store"
+            self._store.submit(metadata.store_loads, metadata.store_saves)
 
     def transfer_results(self) -> tuple[set[str], set[str], set[str]]:
         """(finished_sending, finished_recving, failed_recving) since the last call."""
@@ -147,21 +177,42 @@ class PDWorker:
             self._progress.wait(IDLE_STEP_WAIT_S)
         self._progress.clear()
         sending = self._producer.take_finished_sending() if self._producer else set()
-        if self._consumer is None:
-            return sending, set(), set()
-        loads = self._consumer.take_results()
-        return sending, loads.finished, loads.failed
+        recving: set[str] = set()
+        failed: set[str] = set()
+        if self._consumer is not None:
+            loads = self._consumer.take_results()
+            recving, failed = loads.finished, loads.failed
+        if self._store is not None:
+            store = self._store.take_results()
+            recving |= store.finished_loads
+            self._load_errors |= store.failed_block_ids
+            # A lease that ended while the store still copies its blocks waits for the copy.
+            sending |= store.copied_saves | self._held_sending
+            self._held_sending = {r for r in sending if self._store.copying(r)}
+            sending -= self._held_sending
+        return sending, recving, failed
+
+    def take_load_errors(self) -> set[int]:
+        """Blocks whose store load failed since the last call (vLLM recomputes them).
+
+        vLLM asks right after ``transfer_results``, so each failed block is reported no
+        later than its request's ``finished_recving``."""
+        errors, self._load_errors = self._load_errors, set()
+        return errors
 
     def _busy(self) -> bool:
         return bool(
             (self._consumer is not None and self._consumer.busy)
             or (self._producer is not None and self._producer.busy)
+            or (self._store is not None and self._store.busy)
         )
 
     def stats(self) -> PDConnectorStats | None:
         return self.counters.snapshot()
 
     def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
         if self._consumer is not None:
             self._consumer.close()
         if self._producer is not None:

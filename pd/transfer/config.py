@@ -44,6 +44,9 @@ class PDConnectorConfig:
     instance to finish the prompt before decode recomputes it."""
     load_failure_policy: LoadFailurePolicy = "recompute"
     """What vLLM does when a load fails: ``recompute`` the prompt locally or ``fail``."""
+    store: dict[str, Any] | None = None
+    """The node's KV store (``pd.store.config.StoreConfig`` keys); None: no store. Kept
+    raw here (pd.transfer sits below pd.store); the connector validates it at start."""
 
     def __post_init__(self) -> None:
         if self.transport not in transport_choices():
@@ -83,6 +86,11 @@ class PDConnectorConfig:
                 f"unknown kv_connector_extra_config key(s) {unknown}; known keys: {sorted(known)}"
             )
         values: dict[str, Any] = {}
+        if "store" in extra:
+            store = extra.pop("store")
+            if store is not None and not isinstance(store, dict):
+                raise ConfigError(f"store: expected a mapping of store keys, got {store!r}")
+            values["store"] = store
         for name, value in extra.items():
             kind = type(getattr(cls, name))
             try:

@@ -58,6 +58,22 @@ class LoadSpec:
         )
 
 
+@dataclass(frozen=True)
+class StoreBlocks:
+    """Blocks of one request to load from or save to the node's KV store (``pd.store``).
+
+    ``block_hashes[i]`` (vLLM's prefix-cache hash) names the KV of ``block_ids[i]``.
+    A save with ``reports_completion`` is reported in ``finished_sending`` once its
+    blocks are copied out (vLLM holds them until then); without, a prefill lease
+    holds them and reports.
+    """
+
+    request_id: str
+    block_hashes: tuple[bytes, ...]
+    block_ids: tuple[int, ...]
+    reports_completion: bool = True
+
+
 @dataclass
 class PDConnectorMetadata(KVConnectorMetadata):
     leases: dict[str, list[int]] = field(default_factory=dict)
@@ -70,6 +86,10 @@ class PDConnectorMetadata(KVConnectorMetadata):
     """Decode side: loads to start this step."""
     cancelled_loads: list[str] = field(default_factory=list)
     """Decode side: requests that ended while their load may still wait for prefill."""
+    store_loads: list[StoreBlocks] = field(default_factory=list)
+    """Store: blocks to fill from the node's KV store this step."""
+    store_saves: list[StoreBlocks] = field(default_factory=list)
+    """Store: finished requests' blocks to copy to the node's KV store."""
     idle_step: bool = False
     """This step runs no model: it only polls transfers (see ``PDWorker``)."""
 

@@ -34,6 +34,15 @@ COUNTERS: dict[str, str] = {
     "leases_expired": "leases that expired unclaimed (blocks freed)",
     "blocks_sent": "KV blocks read by decode instances",
     "bytes_sent": "KV bytes read by decode instances",
+    "store_hit_tokens": "prompt tokens beyond the prefix cache found in the node's KV store",
+    "store_miss_tokens": "prompt tokens beyond the prefix cache the KV store lacked",
+    "store_blocks_loaded": "KV blocks loaded from the node's KV store",
+    "store_bytes_loaded": "KV bytes loaded from the node's KV store",
+    "store_load_failures": "KV blocks whose store load failed (recomputed instead)",
+    "store_blocks_stored": "KV blocks saved to the node's KV store",
+    "store_bytes_stored": "KV bytes saved to the node's KV store",
+    "store_save_failures": "KV blocks the store did not accept",
+    "store_saves_skipped": "KV blocks not saved because the save queue was full",
 }
 # name -> help text. Samples are concatenated when snapshots aggregate.
 SAMPLES: dict[str, str] = {

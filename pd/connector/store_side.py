@@ -1,0 +1,430 @@
+"""The node's KV store behind PDConnector: look up and load stored prefixes, save finished ones.
+
+Scheduler side (``StoreScheduler``, engine-core process)
+    ``get_num_new_matched_tokens``: beyond vLLM's own prefix-cache hit, the longest
+    prefix of the request's block hashes the store holds is reported as an
+    asynchronous external load (never the prompt's last token: vLLM must compute
+    one token to sample from). ``update_state_after_alloc`` pairs those hashes with
+    the block ids vLLM allocated; ``request_finished`` picks the full blocks not yet
+    stored. Both go to the workers in the step's ``PDConnectorMetadata``.
+
+Worker side (``StoreWorker``, each worker process)
+    Loads: a thread reads the payloads (``StoreClient.get_many``) and scatters them
+    into the allocated blocks; a block the store no longer has (or a damaged one) is
+    reported through ``get_block_ids_with_load_errors``, so vLLM recomputes from that
+    block on: slower, same output.
+    Saves: ``request_finished`` keeps the request's blocks allocated (delay free) until
+    the worker copied them out. A copy on the engine thread in ``start_load_kv`` would
+    not be safe: vLLM starts loads after launching the step's forward, which may
+    already be writing freed blocks reused by a new request. So a saver thread copies
+    the held blocks to host buffers, reports the request done (its blocks are freed at
+    the next step), then hands the buffers to the store (``put_many``). Its queue is
+    bounded: a full queue skips the save and counts it; the engine never waits.
+
+Only requests that do not load from a prefill peer (no ``do_remote_prefill``) use the
+store's loads; a P/D prefill instance loads stored prefixes like any other instance.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pd.store.config import StoreConfig
+from pd.store.keys import StoreNamespace, weights_identity
+from pd.transfer.metadata import StoreBlocks
+from pd.transfer.stats import TransferCounters
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+    from pd.store.client import StoreClient
+    from pd.transfer.layout import KVCacheLayout
+
+logger = logging.getLogger(__name__)
+
+# Hashes the scheduler knows are stored (loaded or saved by it), not saved again.
+KNOWN_STORED_MAX = 65536
+# Finished requests waiting for the saver thread; more are skipped and counted.
+SAVE_QUEUE_MAX = 32
+
+
+def store_namespace(
+    vllm_config: VllmConfig, kv_cache_config: KVCacheConfig | None, tp_rank: int
+) -> StoreNamespace:
+    """What makes this worker's KV blocks interchangeable, from vLLM's config alone.
+
+    The scheduler and the workers build it alike (the scheduler never sees the KV
+    tensors); ``bytes_per_block`` pins the memory layout the workers then check.
+    """
+    from vllm.platforms import current_platform
+
+    model_config = vllm_config.model_config
+    parallel = vllm_config.parallel_config
+    cache = vllm_config.cache_config
+    try:
+        weights_id = weights_identity(model_config.model)
+    except (FileNotFoundError, OSError):
+        # A hub name: its revision is the best identity we have without the files.
+        weights_id = f"hub:{model_config.model}@{model_config.revision or 'main'}"
+    extra: list[tuple[str, str]] = [("device", str(current_platform.device_type))]
+    if parallel.pipeline_parallel_size > 1:
+        extra.append(("pp_size", str(parallel.pipeline_parallel_size)))
+    kv_layout = "default"
+    if kv_cache_config is not None and kv_cache_config.kv_cache_groups:
+        group = kv_cache_config.kv_cache_groups[0]
+        spec = group.kv_cache_spec
+        num_layers = len(group.layer_names)
+        num_kv_heads = int(getattr(spec, "num_kv_heads", 0) or 0)
+        head_dim = int(getattr(spec, "head_size", 0) or 0)
+        kv_dtype = str(getattr(spec, "dtype", cache.cache_dtype)).removeprefix("torch.")
+        kv_layout = f"{type(spec).__name__} {kv_cache_config.kv_cache_layout or 'default'}"
+        extra.append(("bytes_per_block", str(bytes_per_block_id(kv_cache_config))))
+    else:
+        num_layers = model_config.get_num_layers(parallel)
+        num_kv_heads = model_config.get_num_kv_heads(parallel)
+        head_dim = model_config.get_head_size()
+        kv_dtype = str(model_config.dtype).removeprefix("torch.")
+    backend = getattr(getattr(vllm_config, "attention_config", None), "backend", None)
+    if backend is not None:
+        kv_layout += f" {getattr(backend, 'name', backend)}"
+    return StoreNamespace(
+        model=str(model_config.model),
+        weights_id=weights_id,
+        kv_dtype=kv_dtype,
+        block_size=cache.block_size,
+        num_layers=num_layers,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        kv_layout=kv_layout,
+        tp_size=parallel.tensor_parallel_size,
+        tp_rank=tp_rank,
+        block_hash_algo=str(cache.prefix_caching_hash_algo),
+        extra=tuple(extra),
+    )
+
+
+def bytes_per_block_id(kv_cache_config: KVCacheConfig) -> int:
+    """Bytes one block id spans over all KV tensors, as vLLM sized them."""
+    total = sum(t.size for t in kv_cache_config.kv_cache_tensors)
+    return total // max(1, kv_cache_config.num_blocks)
+
+
+def extra_store_config(raw: dict[str, Any] | None) -> StoreConfig | None:
+    """``kv_connector_extra_config["store"]`` as a ``StoreConfig``; None when off."""
+    if raw is None:
+        return None
+    try:
+        config = StoreConfig.from_dict(raw)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"kv_connector_extra_config store.{e}") from None
+    return config if config.enabled else None
+
+
+@dataclass
+class _PendingLoad:
+    first_block: int
+    block_hashes: list[bytes]
+
+
+class StoreScheduler:
+    """The scheduler side: lookups, and which blocks to load and to save."""
+
+    def __init__(
+        self, client: StoreClient, namespace: StoreNamespace, block_size: int, save_decode: bool
+    ) -> None:
+        self._client = client
+        self._namespace = namespace
+        self._block_size = block_size
+        self._save_decode = save_decode
+        self._pending: dict[str, _PendingLoad] = {}
+        self._loads: list[StoreBlocks] = []
+        self._saves: list[StoreBlocks] = []
+        self._known: OrderedDict[bytes, None] = OrderedDict()
+        self._holding: set[str] = set()  # saves whose blocks vLLM keeps until copied
+        self.counters = TransferCounters()
+        client.register(namespace)
+
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int, bool]:
+        first = num_computed_tokens // self._block_size
+        # The last token is always computed here: vLLM samples from its logits.
+        last = (request.num_tokens - 1) // self._block_size
+        hashes = [bytes(h) for h in request.block_hashes[first:last]]
+        self._pending.pop(request.request_id, None)
+        if not hashes:
+            return 0, False
+        hit = self._client.lookup(self._namespace, hashes).num_blocks
+        self.counters.add(
+            store_hit_tokens=hit * self._block_size,
+            store_miss_tokens=(len(hashes) - hit) * self._block_size,
+        )
+        if hit == 0:
+            return 0, False
+        self._pending[request.request_id] = _PendingLoad(first, hashes[:hit])
+        return hit * self._block_size, True
+
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
+        pending = self._pending.pop(request.request_id, None)
+        if pending is None or num_external_tokens == 0:
+            return
+        num_blocks = num_external_tokens // self._block_size
+        assert num_blocks <= len(pending.block_hashes), "vLLM loads at most what we offered"
+        (block_ids,) = blocks.get_block_ids()
+        load_ids = block_ids[pending.first_block : pending.first_block + num_blocks]
+        self._loads.append(
+            StoreBlocks(
+                request_id=request.request_id,
+                block_hashes=tuple(pending.block_hashes[:num_blocks]),
+                block_ids=tuple(load_ids),
+            )
+        )
+        self._remember(pending.block_hashes[:num_blocks])
+
+    def request_finished(
+        self, request: Request, block_ids: Sequence[int], reports_completion: bool
+    ) -> bool:
+        """Queue the request's full blocks not known stored; whether it holds the blocks.
+
+        With ``reports_completion`` the worker reports the request in
+        ``finished_sending`` once it copied them (the caller returns delay-free True);
+        without, someone else already holds the blocks (a prefill lease) and reports.
+        """
+        from vllm.v1.request import RequestStatus
+
+        self._pending.pop(request.request_id, None)
+        if request.status == RequestStatus.WAITING_FOR_REMOTE_KVS:
+            return False  # its blocks are still being filled: nothing valid to save
+        tokens = request.num_computed_tokens
+        if not self._save_decode:
+            tokens = min(tokens, request.num_prompt_tokens)
+        num_full = min(tokens // self._block_size, len(request.block_hashes), len(block_ids))
+        hashes: list[bytes] = []
+        ids: list[int] = []
+        for i in range(num_full):
+            block_hash = bytes(request.block_hashes[i])
+            if block_hash in self._known:
+                self._known.move_to_end(block_hash)
+                continue
+            hashes.append(block_hash)
+            ids.append(block_ids[i])
+        if not hashes:
+            return False
+        self._remember(hashes)
+        self._saves.append(
+            StoreBlocks(
+                request_id=request.request_id,
+                block_hashes=tuple(hashes),
+                block_ids=tuple(ids),
+                reports_completion=reports_completion,
+            )
+        )
+        if reports_completion:
+            self._holding.add(request.request_id)
+        return reports_completion
+
+    def saves_copied(self, request_ids: Iterable[str]) -> None:
+        """The workers' ``finished_sending``: these requests' blocks are free again."""
+        self._holding.difference_update(request_ids)
+
+    @property
+    def holds_blocks(self) -> bool:
+        """Saves still hold blocks: vLLM must keep stepping (an idle engine would never
+        hear they were copied) and may wait for them rather than preempt."""
+        return bool(self._holding)
+
+    def take(self) -> tuple[list[StoreBlocks], list[StoreBlocks]]:
+        """(loads, saves) since the last call."""
+        loads, saves = self._loads, self._saves
+        self._loads, self._saves = [], []
+        return loads, saves
+
+    def _remember(self, hashes: Sequence[bytes]) -> None:
+        for block_hash in hashes:
+            self._known[block_hash] = None
+            self._known.move_to_end(block_hash)
+        while len(self._known) > KNOWN_STORED_MAX:
+            self._known.popitem(last=False)
+
+    def close(self) -> None:
+        self._client.close()
+
+
+@dataclass
+class StoreResults:
+    finished_loads: set[str] = field(default_factory=set)
+    failed_block_ids: set[int] = field(default_factory=set)
+    copied_saves: set[str] = field(default_factory=set)  # blocks may be freed
+
+
+class StoreWorker:
+    """The worker side: a loader and a saver thread between the KV cache and the store."""
+
+    def __init__(
+        self,
+        client: StoreClient,
+        namespace: StoreNamespace,
+        layout: KVCacheLayout,
+        counters: TransferCounters,
+        expected_bytes_per_block: int | None,
+        on_result: Callable[[], None] | None = None,
+    ) -> None:
+        self._client = client
+        self._namespace = namespace
+        self._layout = layout
+        self._counters = counters
+        self._on_result = on_result
+        self._usable = (
+            expected_bytes_per_block is None or expected_bytes_per_block == layout.bytes_per_block
+        )
+        if not self._usable:
+            logger.warning(
+                "pd: store off on this worker: its KV blocks are %d bytes, vLLM's config "
+                "says %d (loads recompute, nothing is saved)",
+                layout.bytes_per_block,
+                expected_bytes_per_block,
+            )
+        self._loads: queue.SimpleQueue[StoreBlocks | None] = queue.SimpleQueue()
+        self._saves: queue.Queue[StoreBlocks | None] = queue.Queue(SAVE_QUEUE_MAX)
+        self._results: queue.SimpleQueue[tuple[StoreBlocks, bool, set[int]]] = queue.SimpleQueue()
+        self._in_flight = 0
+        self._lock = threading.Lock()
+        self._copying: set[str] = set()  # saves not copied out yet
+        client.register(namespace)
+        self._threads = [
+            threading.Thread(target=self._load_loop, name="pd-store-load", daemon=True),
+            threading.Thread(target=self._save_loop, name="pd-store-save", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    @property
+    def busy(self) -> bool:
+        return self._in_flight > 0
+
+    def copying(self, request_id: str) -> bool:
+        """Whether a save of this request still reads its blocks."""
+        with self._lock:
+            return request_id in self._copying
+
+    def submit(self, loads: Sequence[StoreBlocks], saves: Sequence[StoreBlocks]) -> None:
+        """Called on the engine thread once per step; never waits."""
+        for save in saves:
+            with self._lock:
+                self._in_flight += 1
+                self._copying.add(save.request_id)
+            try:
+                self._saves.put_nowait(save)
+            except queue.Full:
+                self._counters.add(store_saves_skipped=len(save.block_ids))
+                self._done(save, False, set())
+        for load in loads:
+            with self._lock:
+                self._in_flight += 1
+            self._loads.put(load)
+
+    def take_results(self) -> StoreResults:
+        results = StoreResults()
+        while True:
+            try:
+                blocks, is_load, failed = self._results.get_nowait()
+            except queue.Empty:
+                return results
+            if is_load:
+                results.finished_loads.add(blocks.request_id)
+                results.failed_block_ids |= failed
+            elif blocks.reports_completion:
+                results.copied_saves.add(blocks.request_id)
+
+    def close(self) -> None:
+        self._loads.put(None)
+        with contextlib.suppress(queue.Full):  # the saver is stuck: it is a daemon thread
+            self._saves.put(None, timeout=5)
+        for thread in self._threads:
+            thread.join(timeout=10)
+        self._client.close()
+
+    def _done(self, blocks: StoreBlocks, is_load: bool, failed: set[int]) -> None:
+        with self._lock:
+            self._in_flight -= 1
+            if not is_load:
+                self._copying.discard(blocks.request_id)
+        self._results.put((blocks, is_load, failed))
+        if self._on_result is not None:
+            self._on_result()
+
+    def _load_loop(self) -> None:
+        while (load := self._loads.get()) is not None:
+            failed: set[int] = set()
+            try:
+                failed = self._load(load)
+            except Exception:
+                logger.exception("pd: store load of %s crashed; recomputing", load.request_id)
+                failed = set(load.block_ids)
+            finally:
+                if failed:
+                    self._counters.add(store_load_failures=len(failed))
+                self._done(load, True, failed)
+
+    def _load(self, load: StoreBlocks) -> set[int]:
+        from pd.store.blocks import scatter_block
+
+        if not self._usable:
+            return set(load.block_ids)
+        payloads = self._client.get_many(self._namespace, list(load.block_hashes))
+        failed: set[int] = set()
+        loaded_bytes = 0
+        for block_id, payload in zip(load.block_ids, payloads, strict=True):
+            if payload is None:
+                failed.add(block_id)
+                continue
+            try:
+                scatter_block(self._layout, block_id, payload)
+            except ValueError as e:  # a payload of another size: another layout's
+                logger.warning("pd: store block for %s unusable (%s)", load.request_id, e)
+                failed.add(block_id)
+                continue
+            loaded_bytes += len(payload)
+        self._counters.add(
+            store_blocks_loaded=len(load.block_ids) - len(failed), store_bytes_loaded=loaded_bytes
+        )
+        return failed
+
+    def _save_loop(self) -> None:
+        from pd.store.blocks import gather_block
+
+        while (save := self._saves.get()) is not None:
+            items: list[tuple[bytes, bytearray]] = []
+            try:
+                if self._usable:
+                    items = [
+                        (block_hash, gather_block(self._layout, block_id))
+                        for block_hash, block_id in zip(
+                            save.block_hashes, save.block_ids, strict=True
+                        )
+                    ]
+            except Exception:
+                logger.exception("pd: copying %s's blocks for the store failed", save.request_id)
+                items = []
+            finally:
+                self._done(save, False, set())  # the blocks may be freed now
+            if not items:
+                continue
+            stored = self._client.put_many(self._namespace, items)
+            self._counters.add(
+                store_blocks_stored=stored,
+                store_bytes_stored=stored * self._layout.bytes_per_block,
+                store_save_failures=len(items) - stored,
+            )
