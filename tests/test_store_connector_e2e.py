@@ -6,7 +6,9 @@ The engine's KV cache is small (``--num-gpu-blocks-override``), so filler prompt
 a prompt from vLLM's prefix cache; sent again, its blocks must come from the store
 (store counters and vLLM's external prefix-cache counters on /metrics), with greedy
 output equal to the reference's. Restarted with the store process gone, the same
-prompt is served from the disk tier.
+prompt is served from the disk tier; with its disk entries damaged, vLLM is offered
+the blocks, the loads fail, and vLLM's load-failure path recomputes them. One engine
+start per scenario; the tests run in file order, each building on the last.
 """
 
 from __future__ import annotations
@@ -181,3 +183,33 @@ def test_restarted_instance_is_served_from_disk(server, tiny_model, store_config
     assert after.get(metric("store_hit_tokens"), 0) == 5 * BLOCK_SIZE
     assert after.get(metric("store_load_failures"), 0) == 0
     assert after.get("vllm:external_prefix_cache_hits_total", 0) == 5 * BLOCK_SIZE
+
+
+def test_damaged_disk_entries_are_recomputed(server, tiny_model, store_config, reference):
+    """Every entry on disk truncated while no store runs: the new store's index still
+    lists them (it scans names only), so vLLM is offered the blocks; each read finds the
+    damage, the blocks are reported failed, vLLM recomputes them: same output."""
+    client, _ = reference
+    prompt = prompt_of(PROMPT_TOKENS, salt=1)
+    expected = client.completions.create(
+        model=str(tiny_model), prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
+        extra_body={"ignore_eos": True, "return_token_ids": True},
+    ).choices[0].token_ids  # fmt: skip
+    server[0].stop()
+    stop_store(StoreConfig.from_dict(store_config))
+    entries = list(Path(store_config["disk_path"]).rglob("*.kv"))
+    assert len(entries) >= 5
+    for entry in entries:
+        with entry.open("r+b") as f:
+            f.truncate(entry.stat().st_size // 2)
+    server[0] = start_store_server(tiny_model, store_config)
+
+    store = server[0]
+    assert complete(store.url, tiny_model, prompt) == expected
+    assert wait_for(
+        lambda: store.metrics().get(metric("store_load_failures"), 0) >= 5, timeout_s=30
+    ), store.log_tail()
+    after = store.metrics()
+    assert after.get(metric("store_hit_tokens"), 0) == 5 * BLOCK_SIZE  # offered...
+    assert after.get(metric("store_blocks_loaded"), 0) == 0  # ...but none usable
+    assert after.get(metric("store_load_failures"), 0) == 5
