@@ -16,6 +16,7 @@ from pd.cluster.launcher import Cluster, StartupError
 from pd.cluster.placement import PlacementWatch
 from pd.cluster.plan import make_plan
 from pd.vllm_server import free_port
+from tests.harness.waiting import wait_for
 
 pytestmark = pytest.mark.engines  # starts real Ray clusters
 
@@ -94,9 +95,14 @@ def test_an_actor_waiting_for_resources_held_elsewhere_is_named(tmp_path, own_ra
 
         ray.kill(blocker)  # the CPU is free again: the actor is placed, nothing to report
         ray.get(waiting.ping.remote(), timeout=60)
-        lines.clear()
-        watch.report(["pd-prefill-0"])
-        assert lines == []
+
+        def reports_nothing() -> bool:
+            # Ray's state API lags placement (and may time out under load): poll, bounded.
+            lines.clear()
+            watch.report(["pd-prefill-0"])
+            return lines == []
+
+        assert wait_for(reports_nothing, timeout_s=60), lines
 
         # The same cluster joined by address: one CPU cannot hold 2 x 1 CPU.
         address = ray.get_runtime_context().gcs_address
@@ -108,7 +114,7 @@ def test_an_actor_waiting_for_resources_held_elsewhere_is_named(tmp_path, own_ra
         lines.clear()  # a joined cluster may grow: say so and keep waiting
         assert PlacementWatch(joined, lines.append).fail_fast() is None
         assert lines == [
-            "pd-prefill-0 needs CPU 1; the cluster has CPU 1 in total and pd-decode-0 take "
+            "pd-prefill-0 needs CPU 1; the cluster has CPU 1 in total and pd-decode-0 takes "
             "the rest: waiting in case the cluster grows or frees resources "
             "(up to timeouts.startup_s=600s)"
         ]
