@@ -26,3 +26,9 @@ def PD_HOST() -> str:
 def PD_LOG_LEVEL() -> str:
     """Log level of pd's loggers (default: INFO)."""
     return _str("PD_LOG_LEVEL", "INFO").upper()
+
+
+def PD_STORE_MANAGED() -> bool:
+    """Set by pd-serve for its instances: the node's KV store is run by pd-serve's store
+    actor (pd.cluster.store_actor), so an instance never starts one itself."""
+    return os.environ.get("PD_STORE_MANAGED", "") == "1"

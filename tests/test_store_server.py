@@ -6,6 +6,7 @@ the pid file it writes in its socket dir.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
+import psutil
 import pytest
 import zmq
 
@@ -26,7 +28,7 @@ from pd.store import protocol
 from pd.store.client import StoreClient
 from pd.store.config import StoreConfig
 from pd.store.server import PID_FILE
-from pd.store.spawn import LOG_FILE, ping
+from pd.store.spawn import LOG_FILE, ensure_server, ping
 from tests.store_helpers import NAMESPACE, block_hashes, files_under, payload
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,6 +59,17 @@ else:
 out["pid"] = ping(config, 5000)
 client.close()
 print(json.dumps(out))
+"""
+
+# `python -c SPAWN_AND_WAIT <config json>`: start the store, print its pid, wait.
+SPAWN_AND_WAIT = """
+import json, sys, time
+from pd.store.config import StoreConfig
+from pd.store.spawn import ensure_server, ping
+config = StoreConfig.from_dict(json.loads(sys.argv[1]))
+assert ensure_server(config, 10.0)
+print(ping(config, 5000), flush=True)
+time.sleep(600)
 """
 
 
@@ -285,6 +298,45 @@ def test_store_exits_once_its_clients_are_gone(store: StoreConfig) -> None:
         if server.poll() is None:
             server.kill()
             server.wait()
+
+
+def test_spawned_store_is_no_descendant_of_its_spawner(store: StoreConfig) -> None:
+    """vLLM's shutdown kills its process tree: the store a client started must not be in
+    it, so it outlives its spawner's tree being killed and serves the next client."""
+    spawner = subprocess.Popen(
+        [sys.executable, "-c", SPAWN_AND_WAIT, json.dumps(store.to_dict())],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert spawner.stdout is not None
+        served_by = int(spawner.stdout.readline())
+        assert served_by == server_pid(store)
+        tree = {p.pid for p in psutil.Process(spawner.pid).children(recursive=True)}
+        assert served_by not in tree
+        for pid in tree:  # as vLLM's shutdown does
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        spawner.kill()
+        spawner.wait(timeout=WAIT_S)
+        assert ping(store, 5000) == served_by
+        assert run_client(store, "put", 1)["pid"] == served_by
+    finally:
+        if spawner.poll() is None:
+            spawner.kill()
+            spawner.wait()
+
+
+def test_under_pd_serve_a_client_waits_for_the_store_actor_and_starts_none(
+    store: StoreConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PD_STORE_MANAGED", "1")
+    started = time.monotonic()
+    assert not ensure_server(store, wait_s=0.5)
+    assert time.monotonic() - started >= 0.5  # it waited for one...
+    assert server_pid(store) is None  # ...and started none
+    assert not os.path.exists(Path(str(store.socket_dir)) / LOG_FILE)
 
 
 def test_corrupt_disk_entry_reads_as_a_miss(store: StoreConfig) -> None:

@@ -1,11 +1,13 @@
 """Start, watch and stop a P/D cluster on Ray.
 
-``Cluster.start`` joins (or starts) Ray, creates one named actor per instance in
-the pd namespace with the resources the plan asks for, and waits, bounded, until
-every instance is healthy, reporting progress. Any failure tears everything down
-again and raises ``StartupError`` naming the instance with the tail of its log.
-``Cluster.shutdown`` stops every vLLM server and actor, and the local Ray cluster
-if this process started it.
+``Cluster.start`` joins (or starts) Ray, starts the node's KV store on every node
+when the config has a ``store:`` section (``pd.cluster.store_actor``), creates one
+named actor per instance in the pd namespace with the resources the plan asks for,
+and waits, bounded, until every instance is healthy, reporting progress. Any failure
+tears everything down again and raises ``StartupError`` naming the instance with the
+tail of its log.
+``Cluster.shutdown`` stops every vLLM server and actor, then the KV stores, and the
+local Ray cluster if this process started it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pd.cluster.actor import FAILED, READY, InstanceActor, InstanceInfo
 from pd.cluster.placement import PlacementWatch
 from pd.cluster.plan import ClusterPlan, InstancePlan
 from pd.cluster.priority import local_ray_env, niceness_warning
+from pd.cluster.store_actor import start_stores, stop_stores
 
 logger = logging.getLogger(__name__)
 
@@ -44,12 +47,14 @@ class Cluster:
         self.handles: list[InstanceHandle] = []
         self._started_ray = False
         self._dashboard_url: str | None = None
+        self._stores: list[Any] = []  # the nodes' KV store actors (pd.cluster.store_actor)
 
     # --- start ----------------------------------------------------------------------------
 
     def start(self, progress: Callable[[str], None] = print) -> None:
         try:
             self._init_ray(progress)
+            self._start_stores(progress)
             self._create_actors()
             self._wait_healthy(progress)
         except BaseException:
@@ -78,6 +83,24 @@ class Cluster:
             logging_level=logging.WARNING,
         )
         self._dashboard_url = context.dashboard_url
+
+    def _start_stores(self, progress: Callable[[str], None]) -> None:
+        """The node's KV store, one per node, before the instances that use it."""
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        config = self.plan.config
+        if config.store is None:
+            return
+        try:
+            self._stores = start_stores(
+                config.store,
+                config.ray.namespace,
+                config.ray.max_restarts,
+                config.timeouts.startup_s,
+                progress,
+            )
+        except (GetTimeoutError, RayActorError) as e:
+            raise StartupError(f"the KV store actor did not start: {e}") from e
 
     def _create_actors(self) -> None:
         import ray
@@ -178,5 +201,7 @@ class Cluster:
             except Exception:
                 logger.debug("killing %s", handle.plan.name, exc_info=True)
         self.handles.clear()
+        stop_stores(self._stores)  # after the instances: their last saves may still arrive
+        self._stores.clear()
         # Stops the local cluster if we started it; otherwise only disconnects.
         ray.shutdown()

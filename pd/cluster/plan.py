@@ -196,6 +196,8 @@ def _env(
     config: ClusterConfig, spec: RoleSpec, cpu_cores: str | None, loopback: bool
 ) -> dict[str, str]:
     env = dict(spec.env)
+    if config.store is not None:
+        env["PD_STORE_MANAGED"] = "1"  # the node's store actor runs it, outside the instance
     if spec.resources.gpus == 0:
         env.update(kv_size.sizing(spec, {**config.engine_args, **spec.engine_args})[1])
         if cpu_cores:

@@ -12,10 +12,13 @@ starts it, detached, on a client's first call). It
   threads (``TieredStore`` is thread-safe; disk reads and writes release the GIL);
 - lives while any client process lives: every request carries its sender's pid, and
   the server exits once ``linger_s`` (30 s) passed with no request and none of the
-  pids it has seen (nor the one that started it) is alive. A ``Ping`` carries pid 0
-  and keeps nothing alive. A client that comes later
+  pids it has seen (nor ``--owner-pid``, e.g. pd-serve's store actor) is alive. A
+  ``Ping`` carries pid 0 and keeps nothing alive. A client that comes later
   starts a new one, which finds the disk tier's entries again (the host tier's are
   gone with the process). SIGTERM or SIGINT stop it at once.
+
+``--detach`` forks first and serves in the child, so the server is not a descendant
+of the process that started it.
 """
 
 from __future__ import annotations
@@ -205,8 +208,11 @@ class _Server:
             request_id, pid, request = protocol.decode_request(header.buffer)
             with self._lock:
                 self._last_request = time.monotonic()
-                if pid > 0:
+                new_client = pid > 0 and pid not in self._clients
+                if new_client:
                     self._clients.add(pid)
+            if new_client:  # once per process: who shares this store (tests read it)
+                logger.info("client process %d", pid)
             body, out = self._answer(request, payloads)
         except Exception as e:  # a bad request must not take the store down
             with self._lock:
@@ -281,12 +287,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--linger-s", type=float, default=DEFAULT_LINGER_S)
     parser.add_argument("--owner-pid", type=int, default=None)
     parser.add_argument("--spawn-lock-fd", type=int, default=None)
+    parser.add_argument(
+        "--detach",
+        action="store_true",
+        help="fork: this process exits at once and the child serves, so the store is no "
+        "descendant of whoever started it (vLLM's shutdown kills its process tree)",
+    )
     args = parser.parse_args(argv)
-    setup_logging()
     try:
         config = StoreConfig.from_dict(json.loads(args.config))
     except ValueError as e:  # json.JSONDecodeError is one too
         parser.exit(2, f"pd.store.server: bad --config: {e}\n")
+    if args.detach and os.fork():
+        os._exit(0)  # before any thread or ZMQ context exists; the child keeps the fds
+    setup_logging()
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

@@ -2,8 +2,12 @@
 
 ``ensure_server(config, wait_s)``: ping ``<socket_dir>/store.sock``; if nobody answers,
 take ``<socket_dir>/spawn.lock`` (flock, non-blocking) and start ``pd.store.server``
-detached: its own session (a vLLM worker's process group being killed does not reach
-it), stdin closed, stdout and stderr appended to ``<socket_dir>/store.log``. The lock's
+detached: it forks and serves in the child (no descendant of the caller, whose
+process tree vLLM's shutdown kills), in a session of its own (nor does a killed
+process group reach it), stdin closed, stdout and stderr appended to
+``<socket_dir>/store.log``. Under pd-serve (``PD_STORE_MANAGED``) the node's store
+actor runs the server and the caller only waits for it: a server started here would
+be a descendant of the instance's guardian, which ends all of them with the instance. The lock's
 file descriptor is handed to the server, which closes it once it serves (or knows it
 will not), so a racing caller that finds the lock taken waits for that server instead
 of starting another: of any number of racers, one starts a server. ``wait_s`` bounds
@@ -26,6 +30,7 @@ from pathlib import Path
 import zmq
 
 import pd
+from pd import envs
 from pd.store import protocol
 from pd.store.config import StoreConfig
 
@@ -34,6 +39,7 @@ logger = logging.getLogger(__name__)
 SPAWN_LOCK = "spawn.lock"
 LOG_FILE = "store.log"
 _PING_INTERVAL_S = 0.05
+_DETACH_WAIT_S = 30.0
 
 _contexts: dict[int, zmq.Context[zmq.Socket[bytes]]] = {}
 _contexts_lock = threading.Lock()
@@ -102,6 +108,8 @@ def ensure_server(config: StoreConfig, wait_s: float) -> bool:
     try:
         if ping(config) is not None:
             return True
+        if envs.PD_STORE_MANAGED():
+            return _wait_for(config, wait_s)  # pd-serve's store actor runs it
         socket_dir = Path(str(config.socket_dir))
         socket_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         lock_fd = os.open(socket_dir / SPAWN_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
@@ -128,22 +136,33 @@ def ensure_server(config: StoreConfig, wait_s: float) -> bool:
     return _wait_for(config, wait_s)
 
 
-def _start(config: StoreConfig, lock_fd: int, socket_dir: Path) -> None:
-    env = dict(os.environ)
-    # The server runs in socket_dir; pd must import from there as it does here.
-    pd_root = str(Path(pd.__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (pd_root, env.get("PYTHONPATH")) if p)
-    command = [
+def server_command(config: StoreConfig, owner_pid: int, *extra: str) -> list[str]:
+    """``python -m pd.store.server`` for ``config``, kept alive by ``owner_pid``."""
+    return [
         sys.executable,
         "-m",
         "pd.store.server",
         "--config",
         json.dumps(config.to_dict()),
         "--owner-pid",
-        str(os.getpid()),
-        "--spawn-lock-fd",
-        str(lock_fd),
+        str(owner_pid),
+        *extra,
     ]
+
+
+def server_env() -> dict[str, str]:
+    """This process's environment, with ``pd`` importable from any working directory
+    (the server runs in its socket_dir)."""
+    env = dict(os.environ)
+    pd_root = str(Path(pd.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (pd_root, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def _start(config: StoreConfig, lock_fd: int, socket_dir: Path) -> None:
+    # --detach: the process started here forks and exits at once; its child serves and
+    # is no descendant of this one (vLLM's shutdown kills its whole process tree).
+    command = server_command(config, os.getpid(), "--spawn-lock-fd", str(lock_fd), "--detach")
     with open(socket_dir / LOG_FILE, "ab") as log:
         process = subprocess.Popen(
             command,
@@ -151,13 +170,16 @@ def _start(config: StoreConfig, lock_fd: int, socket_dir: Path) -> None:
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=socket_dir,
-            env=env,
+            env=server_env(),
             pass_fds=(lock_fd,),
             start_new_session=True,
         )
-    logger.info("started the KV store process %d (log: %s)", process.pid, socket_dir / LOG_FILE)
-    # Reap it when it exits, so it leaves no zombie behind while this process lives.
-    threading.Thread(target=process.wait, name="store-reaper", daemon=True).start()
+    # It exits once it has forked (after its imports, well under a second): reap it.
+    try:
+        process.wait(timeout=_DETACH_WAIT_S)
+    except subprocess.TimeoutExpired:
+        threading.Thread(target=process.wait, name="store-reaper", daemon=True).start()
+    logger.info("started the KV store process (log: %s)", socket_dir / LOG_FILE)
 
 
 def _wait_for(config: StoreConfig, wait_s: float) -> bool:
