@@ -96,6 +96,29 @@ def check_bench_serving(run: subprocess.CompletedProcess[str], out: Path) -> Non
     assert (out / "serving.png").stat().st_size > 0
 
 
+def check_bench_reuse(run: subprocess.CompletedProcess[str], out: Path) -> None:
+    data = json.loads((out / "reuse.json").read_text())
+    store, vllm = data["docqa"]["store"], data["docqa"]["vllm"]
+    docs = data["settings"]["num_docs"]
+    assert store["cold"]["n"] == vllm["repeated"]["n"] == docs, data["docqa"]
+    # Evicted from the engine's cache, the documents came back from the store's host
+    # tier; after the restart, from its disk tier; without the store, from nowhere.
+    assert store["repeated"]["counters"]["host_hit_tokens"] > 0, store["repeated"]
+    assert store["restarted"]["counters"]["disk_hit_tokens"] > 0, store["restarted"]
+    assert store["restarted"]["counters"]["store_load_failures"] == 0, store["restarted"]
+    assert vllm["repeated"]["counters"].get("external_hits", 0) == 0, vllm["repeated"]
+    for system in ("store", "vllm"):
+        row = data["trace"][system]
+        assert row["completed"] == row["num_prompts"] > 0 and row["p50_ttft_ms"] > 0, row
+        assert data["micro"]["step_time"][system]["engine_step_ms"] > 0, data["micro"]
+    lookup = data["micro"]["lookup_on_miss"]
+    assert lookup["missed"] == lookup["calls"] > 0 and lookup["p50_ms"] > 0, lookup
+    report = (out / "reuse.md").read_text()
+    assert "Command: `.venv/bin/python scripts/bench_reuse.py --smoke" in report
+    assert "| a lookup that misses everywhere, p50 |" in report
+    assert (out / "reuse.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 SMOKES = [
     ScriptSmoke(
         "bench_transfer.py", ("--smoke", "--out", "{out}/transfer.md"), check_bench_transfer
@@ -120,6 +143,13 @@ SMOKES = [
         check_bench_serving,
         engines=True,
         timeout_s=600,
+    ),
+    ScriptSmoke(
+        "bench_reuse.py",
+        ("--smoke", "--out-dir", "{out}"),
+        check_bench_reuse,
+        engines=True,
+        timeout_s=900,
     ),
 ]
 

@@ -1,0 +1,109 @@
+"""The two costs the store adds when it does not help.
+
+lookup_on_miss
+    What a request that misses everywhere pays: ``StoreClient.lookup`` (the call the
+    scheduler makes in ``get_num_new_matched_tokens``) against the running store
+    process of the benchmark's instance, holding what the other phases stored, with a
+    whole max_model_len prompt's worth of block hashes that are not stored.
+step_time
+    A fixed decode-heavy load (unique prompts: nothing to reuse, every prompt saved
+    by the store system) on each system; the engine's step time read as the mean of
+    vLLM's own ``vllm:inter_token_latency_seconds`` (the gap between a request's
+    tokens as its engine core produced them: one step each in decode), and the load's
+    wall time.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+
+from pd.store.client import StoreClient
+from pd.store.config import StoreConfig
+from pd.store.keys import StoreNamespace
+from pd.vllm_server import VllmServer
+
+from . import scrape
+from .docqa import percentile
+from .settings import BLOCK_SIZE, Settings
+
+# Shaped like the small model's (never the instance's own: these lookups must miss).
+PROBE_NAMESPACE = StoreNamespace(
+    model="bench-reuse-probe", weights_id="probe", kv_dtype="float32", block_size=BLOCK_SIZE,
+    num_layers=8, num_kv_heads=2, head_dim=64, kv_layout="probe",
+)  # fmt: skip
+
+
+def lookup_on_miss(store: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    client = StoreClient(StoreConfig.from_dict(store))
+    try:
+        client.register(PROBE_NAMESPACE)
+        samples: list[float] = []
+        misses = 0
+        for i in range(50 + settings.lookup_calls):  # the first 50 warm the socket up
+            hashes = [os.urandom(32) for _ in range(settings.lookup_blocks)]
+            start = time.perf_counter()
+            hit = client.lookup(PROBE_NAMESPACE, hashes)
+            elapsed = time.perf_counter() - start
+            if i >= 50:
+                samples.append(1000 * elapsed)
+                misses += hit.num_blocks == 0
+        stats = client.stats()
+        failed = client.failed_calls
+    finally:
+        client.close()
+    ordered = sorted(samples)
+    return {
+        "calls": len(samples),
+        "blocks_per_call": settings.lookup_blocks,
+        "missed": misses,
+        "failed_calls": failed,
+        "store_entries": {t.tier: t.entries for t in (stats.host, stats.disk) if t}
+        if stats else {},
+        **{f"p{q}_ms": percentile(ordered, q) for q in (50, 90, 99)},
+    }  # fmt: skip
+
+
+def step_time(server: VllmServer, settings: Settings, seed: int = 500) -> dict[str, Any]:
+    """``step_rounds`` rounds of the fixed load; per round, the engine's mean step time
+    (ms) and the load's wall time (s)."""
+    rounds = []
+    for round_ in range(settings.step_rounds):
+        rng = random.Random(seed + round_)
+        prompts = [[rng.randrange(256) for _ in range(settings.step_prompt_tokens)]
+                   for _ in range(settings.step_requests)]  # fmt: skip
+        before = scrape.instance_counters(server)
+        start = time.perf_counter()
+        with (
+            httpx.Client(timeout=600) as client,
+            ThreadPoolExecutor(settings.step_concurrency) as pool,
+        ):
+            answered = list(pool.map(lambda p: _complete(client, server.url, settings, p), prompts))
+        wall_s = time.perf_counter() - start
+        grown = scrape.delta(before, scrape.instance_counters(server))
+        steps = grown["itl_count"]
+        rounds.append({
+            "wall_s": wall_s,
+            "engine_step_ms": 1000 * grown["itl_sum_s"] / steps if steps else float("nan"),
+            "token_gaps": steps,
+            "output_tokens": sum(answered),
+            "blocks_stored": grown["store_blocks_stored"],
+            "saves_skipped": grown["store_saves_skipped"],
+            "loadavg_1m": os.getloadavg()[0],
+        })  # fmt: skip
+    return {"rounds": rounds,
+            "engine_step_ms": sum(r["engine_step_ms"] for r in rounds) / len(rounds),
+            "wall_s": sum(r["wall_s"] for r in rounds) / len(rounds)}  # fmt: skip
+
+
+def _complete(client: httpx.Client, url: str, settings: Settings, prompt: list[int]) -> int:
+    body = {"model": settings.served_name, "prompt": prompt, "temperature": 0,
+            "max_tokens": settings.step_output_tokens, "ignore_eos": True}  # fmt: skip
+    response = client.post(f"{url}/v1/completions", json=body)
+    response.raise_for_status()
+    return int(response.json()["usage"]["completion_tokens"])
