@@ -383,7 +383,11 @@ class StoreWorker:
 
         if not self._usable:
             return set(load.block_ids)
-        payloads = self._client.get_many(self._namespace, list(load.block_hashes))
+        payloads = self._client.get_many(
+            self._namespace,
+            list(load.block_hashes),
+            expected_bytes=len(load.block_hashes) * self._layout.bytes_per_block,
+        )
         failed: set[int] = set()
         loaded_bytes = 0
         for block_id, payload in zip(load.block_ids, payloads, strict=True):

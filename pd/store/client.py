@@ -9,8 +9,15 @@ registered before.
 
 Each thread gets its own DEALER socket, so a saver thread's large put does not delay
 the scheduler's lookup. The first call of a client may wait up to ``start_wait_s`` for
-the store process to start; later calls never wait longer than ``timeout_ms`` (a
+the store process to start; later calls never wait longer than their deadline (a
 respawn after that is started in passing and its calls miss until it answers).
+
+Deadlines: ``timeout_ms`` for a call, plus, for a ``get_many`` or ``put_many``, the time
+its bytes take at ``SLOW_TRANSFER_BYTES_PER_S`` (a busy machine moves a few MiB in
+hundreds of ms; the scheduler's lookups carry no payload and stay at ``timeout_ms``).
+A failed reconnect doubles the wait before the next one, up to ``MAX_RETRY_INTERVAL_S``,
+so a store that hangs (it accepts calls but does not answer) stalls a scheduler for
+one ``timeout_ms`` per interval, a shrinking share of its time.
 """
 
 from __future__ import annotations
@@ -35,7 +42,11 @@ from pd.store.tiered import PrefixHit
 
 logger = logging.getLogger(__name__)
 
-RETRY_INTERVAL_S = 1.0
+RETRY_INTERVAL_S = 1.0  # down after a failed call, before the store is checked again
+MAX_RETRY_INTERVAL_S = 16.0  # doubling from RETRY_INTERVAL_S per failed reconnect
+# A get or put may take timeout_ms plus its bytes at this rate: on a 2-core machine at
+# load 11, a get of 8 MiB took up to 0.9 s (docs/store.md, "The client").
+SLOW_TRANSFER_BYTES_PER_S = 8 * 2**20
 DEFAULT_START_WAIT_S = 10.0
 
 _Frames = list[zmq.Frame]
@@ -58,6 +69,7 @@ class StoreClient:
         self._connected = False
         self._started_once = False
         self._failed_at = 0.0
+        self._retry_interval_s = RETRY_INTERVAL_S
         self._closed = False
         self._warnings = WarningLimiter(logger, {})
         self.failed_calls = 0  # calls answered with a miss because the store failed
@@ -81,13 +93,19 @@ class StoreClient:
         return PrefixHit(reply.host_blocks, reply.disk_blocks)
 
     def get_many(
-        self, namespace: StoreNamespace, block_hashes: Sequence[bytes]
+        self, namespace: StoreNamespace, block_hashes: Sequence[bytes], expected_bytes: int = 0
     ) -> list[bytes | None]:
-        """Each block's bytes, ``None`` for a miss; all ``None`` on failure."""
+        """Each block's bytes, ``None`` for a miss; all ``None`` on failure.
+
+        ``expected_bytes`` (the blocks' total size, when the caller knows it) extends the
+        call's deadline by the time those bytes take at ``SLOW_TRANSFER_BYTES_PER_S``.
+        """
         misses: list[bytes | None] = [None] * len(block_hashes)
         if not block_hashes:
             return misses
-        result = self._call(protocol.Get(namespace.digest, _hashes(block_hashes)))
+        result = self._call(
+            protocol.Get(namespace.digest, _hashes(block_hashes)), nbytes=expected_bytes
+        )
         if result is None or not isinstance(result[0], protocol.GetReply):
             return misses
         reply, frames = result
@@ -108,7 +126,8 @@ class StoreClient:
             return 0
         hashes = [bytes(h) for h, _ in items]
         payloads = [payload for _, payload in items]
-        result = self._call(protocol.Put(namespace.digest, hashes), payloads)
+        nbytes = sum(memoryview(payload).nbytes for payload in payloads)
+        result = self._call(protocol.Put(namespace.digest, hashes), payloads, nbytes)
         if result is None or not isinstance(result[0], protocol.PutReply):
             return 0
         return result[0].stored
@@ -118,6 +137,12 @@ class StoreClient:
         if result is None or not isinstance(result[0], protocol.StatsReply):
             return None
         return result[0].stats
+
+    @property
+    def retry_interval_s(self) -> float:
+        """How long the client stays down after a failure before checking the store."""
+        with self._lock:
+            return self._retry_interval_s
 
     def close(self) -> None:
         """Close every socket; later calls miss. Call it when no call is in flight."""
@@ -131,13 +156,14 @@ class StoreClient:
     # -- one request ------------------------------------------------------------------
 
     def _call(
-        self, body: protocol.Request, payloads: Sequence[Payload] = ()
+        self, body: protocol.Request, payloads: Sequence[Payload] = (), nbytes: int = 0
     ) -> tuple[protocol.Reply, _Frames] | None:
         try:
             if not self._ready():
                 self._count_failed()
                 return None
-            deadline = time.monotonic() + self._timeout_ms / 1000
+            budget_s = self._timeout_ms / 1000 + nbytes / SLOW_TRANSFER_BYTES_PER_S
+            deadline = time.monotonic() + budget_s
             result = self._exchange(self._socket(deadline), body, payloads, deadline)
         except Exception as e:  # never let the store's trouble reach the engine
             self._drop_socket()
@@ -163,6 +189,7 @@ class StoreClient:
     ) -> tuple[protocol.Reply, _Frames] | None:
         request_id = next(self._ids)
         header = protocol.encode_request(request_id, os.getpid(), body)
+        sent_at = time.monotonic()
         try:
             # NOBLOCK with IMMEDIATE: no store connected raises Again instead of queueing.
             sock.send_multipart([header, *payloads], flags=zmq.NOBLOCK, copy=False)
@@ -174,7 +201,7 @@ class StoreClient:
             remaining_ms = int((deadline - time.monotonic()) * 1000)
             if remaining_ms <= 0 or not sock.poll(remaining_ms):
                 self._drop_socket()  # a late reply must not answer the next call
-                self._failed(f"no reply within {self._timeout_ms} ms")
+                self._failed(f"no reply within {(deadline - sent_at) * 1000:.0f} ms")
                 return None
             frames = sock.recv_multipart(copy=False)
             reply_id, reply = protocol.decode_reply(frames[0].buffer)
@@ -193,7 +220,7 @@ class StoreClient:
                 self._connected = False
             if self._connected:
                 return True
-            if self._started_once and time.monotonic() - self._failed_at < RETRY_INTERVAL_S:
+            if self._started_once and time.monotonic() - self._failed_at < self._retry_interval_s:
                 return False
         if not self._connect_lock.acquire(blocking=False):
             return False  # another thread is reconnecting; this call misses
@@ -207,6 +234,10 @@ class StoreClient:
             if not ensure_server(self.config, wait_s):
                 with self._lock:
                     self._failed_at = time.monotonic()
+                    if not first:  # still gone (or hung): try less often
+                        self._retry_interval_s = min(
+                            2 * self._retry_interval_s, MAX_RETRY_INTERVAL_S
+                        )
                 if first:
                     logger.warning(
                         "KV store at %s did not answer within %.0f s; misses until it does",
@@ -216,6 +247,7 @@ class StoreClient:
                 return False
             with self._lock:
                 self._connected = True
+                self._retry_interval_s = RETRY_INTERVAL_S
                 namespaces = list(self._namespaces.values())
                 if not first:
                     self.reconnects += 1
