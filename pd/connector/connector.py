@@ -271,6 +271,15 @@ class PDConnector(KVConnectorBase_V1):
     def build_prom_metrics(
         cls, vllm_config, metric_types, labelnames, per_engine_labelvalues
     ) -> PDPromMetrics:
+        # vLLM builds these in its API server process: the store process's own figures
+        # (tiers' usage, evictions, ...) join them there, read when /metrics is scraped.
+        transfer_config = vllm_config.kv_transfer_config
+        extra = transfer_config.kv_connector_extra_config if transfer_config else {}
+        store_config = extra_store_config(PDConnectorConfig.from_extra_config(extra).store)
+        if store_config is not None:
+            from pd.connector.store_metrics import register_store_collector
+
+            register_store_collector(store_config)
         return PDPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
 

@@ -31,6 +31,7 @@ import contextlib
 import logging
 import queue
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -38,8 +39,9 @@ from typing import TYPE_CHECKING, Any
 
 from pd.store.config import StoreConfig
 from pd.store.keys import StoreNamespace, weights_identity
+from pd.store.tiered import PrefixHit
 from pd.transfer.metadata import StoreBlocks
-from pd.transfer.stats import TransferCounters
+from pd.transfer.stats import TransferCounters, tier_key
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -119,6 +121,20 @@ def bytes_per_block_id(kv_cache_config: KVCacheConfig) -> int:
     return total // max(1, kv_cache_config.num_blocks)
 
 
+def lookup_counts(asked_blocks: int, found: PrefixHit, block_size: int) -> dict[str, int]:
+    """A lookup's hits and misses in tokens, overall and by tier (see ``TIER_COUNTERS``)."""
+    host_misses = asked_blocks - found.host_blocks
+    disk_misses = host_misses - found.disk_blocks
+    return {
+        "store_hit_tokens": found.num_blocks * block_size,
+        "store_miss_tokens": disk_misses * block_size,
+        tier_key("store_tier_hit_tokens", "host"): found.host_blocks * block_size,
+        tier_key("store_tier_miss_tokens", "host"): host_misses * block_size,
+        tier_key("store_tier_hit_tokens", "disk"): found.disk_blocks * block_size,
+        tier_key("store_tier_miss_tokens", "disk"): disk_misses * block_size,
+    }
+
+
 def extra_store_config(raw: dict[str, Any] | None) -> StoreConfig | None:
     """``kv_connector_extra_config["store"]`` as a ``StoreConfig``; None when off."""
     if raw is None:
@@ -164,11 +180,11 @@ class StoreScheduler:
         self._pending.pop(request.request_id, None)
         if not hashes:
             return 0, False
-        hit = self._client.lookup(self._namespace, hashes).num_blocks
-        self.counters.add(
-            store_hit_tokens=hit * self._block_size,
-            store_miss_tokens=(len(hashes) - hit) * self._block_size,
-        )
+        started = time.perf_counter()
+        found = self._client.lookup(self._namespace, hashes)
+        self.counters.observe(store_lookup_seconds=time.perf_counter() - started)
+        hit = found.num_blocks
+        self.counters.add(**lookup_counts(len(hashes), found, self._block_size))
         if hit == 0:
             return 0, False
         self._pending[request.request_id] = _PendingLoad(first, hashes[:hit])
@@ -368,12 +384,14 @@ class StoreWorker:
     def _load_loop(self) -> None:
         while (load := self._loads.get()) is not None:
             failed: set[int] = set()
+            started = time.perf_counter()
             try:
                 failed = self._load(load)
             except Exception:
                 logger.exception("pd: store load of %s crashed; recomputing", load.request_id)
                 failed = set(load.block_ids)
             finally:
+                self._counters.observe(store_load_seconds=time.perf_counter() - started)
                 if failed:
                     self._counters.add(store_load_failures=len(failed))
                 self._done(load, True, failed)
@@ -411,6 +429,7 @@ class StoreWorker:
 
         while (save := self._saves.get()) is not None:
             items: list[tuple[bytes, bytearray]] = []
+            started = time.perf_counter()
             try:
                 if self._usable:
                     items = [
@@ -427,6 +446,7 @@ class StoreWorker:
             if not items:
                 continue
             stored = self._client.put_many(self._namespace, items)
+            self._counters.observe(store_save_seconds=time.perf_counter() - started)
             self._counters.add(
                 store_blocks_stored=stored,
                 store_bytes_stored=stored * self._layout.bytes_per_block,

@@ -35,7 +35,7 @@ import zmq
 from pd.store import protocol
 from pd.store.config import StoreConfig
 from pd.store.keys import StoreNamespace
-from pd.store.spawn import context, ensure_server
+from pd.store.spawn import _listening, context, ensure_server
 from pd.store.stats import StoreStats, WarningLimiter
 from pd.store.tier import Payload
 from pd.store.tiered import PrefixHit
@@ -296,6 +296,29 @@ class StoreClient:
         with self._lock:
             if sock in self._sockets:
                 self._sockets.remove(sock)
+        sock.close(linger=0)
+
+
+def read_stats(config: StoreConfig, timeout_ms: int) -> StoreStats | None:
+    """The serving store's stats, or None when none answers within ``timeout_ms``.
+
+    For observers (the instance's /metrics): it never starts a store, and its pid 0
+    keeps none alive, as a ping's does.
+    """
+    if not _listening(config.socket_path):
+        return None
+    sock = context().socket(zmq.DEALER)
+    try:
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(config.endpoint)
+        sock.send(protocol.encode_request(0, 0, protocol.Stats()))
+        if not sock.poll(timeout_ms):
+            return None
+        _, reply = protocol.decode_reply(sock.recv())
+        return reply.stats if isinstance(reply, protocol.StatsReply) else None
+    except (zmq.ZMQError, protocol.ProtocolError):
+        return None
+    finally:
         sock.close(linger=0)
 
 

@@ -3,11 +3,13 @@
 A tier counts into a ``TierCounters`` while holding its own lock; ``snapshot()``
 returns a frozen ``TierStats`` the connector can log, aggregate or export to
 Prometheus. Hits and misses are in blocks: the caller multiplies by its block size
-to report tokens.
+to report tokens. ``LatencyHistogram`` counts how long one block's get or put takes in
+each tier (``StoreStats.latency``).
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 import time
 from dataclasses import dataclass, field
@@ -73,6 +75,51 @@ class TierCounters:
         )
 
 
+# Upper bounds (seconds) of one block's get or put in a tier: host copies take
+# microseconds, disk reads and writes of a large block tens of milliseconds.
+TIER_LATENCY_BUCKETS_S = (
+    0.00001, 0.00005, 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0,
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class HistogramSnapshot:
+    """A latency histogram at one moment; ``counts[i]`` holds the samples in bucket i
+    alone (not cumulative), the last one those above every bound."""
+
+    bounds: tuple[float, ...]
+    counts: tuple[int, ...]
+    sum: float = 0.0
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        """``(upper bound, samples at or below it)``, ending with ``(inf, count)``."""
+        total, out = 0, []
+        for bound, n in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            total += n
+            out.append((bound, total))
+        return out
+
+
+class LatencyHistogram:
+    """Fixed-bucket latency counts; the owner serialises access."""
+
+    def __init__(self, bounds: tuple[float, ...] = TIER_LATENCY_BUCKETS_S) -> None:
+        self.bounds = bounds
+        self._counts = [0] * (len(bounds) + 1)
+        self._sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self._counts[bisect.bisect_left(self.bounds, seconds)] += 1
+        self._sum += seconds
+
+    def snapshot(self) -> HistogramSnapshot:
+        return HistogramSnapshot(self.bounds, tuple(self._counts), self._sum)
+
+
 @dataclass(frozen=True)
 class StoreStats:
     """A ``TieredStore`` at one moment: its tiers plus what only the store sees."""
@@ -84,6 +131,8 @@ class StoreStats:
     lookup_host_blocks: int = 0  # leading blocks found in the host tier
     lookup_disk_blocks: int = 0  # leading blocks found only on disk
     promotions: int = 0  # disk hits copied up into the host tier
+    # "<tier>_get" / "<tier>_put" -> one block's get or put in that tier, hit or miss
+    latency: dict[str, HistogramSnapshot] = field(default_factory=dict)
 
 
 class WarningLimiter:

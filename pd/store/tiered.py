@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pd.store.disk import DiskTier
 from pd.store.host import HostTier
 from pd.store.keys import BlockKey, StoreNamespace
-from pd.store.stats import StoreStats
+from pd.store.stats import LatencyHistogram, StoreStats
 from pd.store.tier import Payload
 
 logger = logging.getLogger(__name__)
@@ -59,6 +60,12 @@ class TieredStore:
         self._lookup_host_blocks = 0
         self._lookup_disk_blocks = 0
         self._promotions = 0
+        self._latency = {
+            f"{tier}_{op}": LatencyHistogram()
+            for tier, present in (("host", host), ("disk", disk))
+            if present is not None
+            for op in ("get", "put")
+        }
 
     def open(self) -> None:
         """Open the disk tier (rebuilding its index) and log what the store holds."""
@@ -111,12 +118,16 @@ class TieredStore:
 
     def get(self, key: BlockKey) -> bytes | None:
         if self.host is not None:
+            started = time.perf_counter()
             data = self.host.get(key)
+            self._observe("host_get", started)
             if data is not None:
                 return data
         if self.disk is None:
             return None
+        started = time.perf_counter()
         data = self.disk.get(key)
+        self._observe("disk_get", started)
         if data is not None and self.host is not None and self.host.put(key, data):
             with self._lock:
                 self._promotions += 1
@@ -126,10 +137,19 @@ class TieredStore:
         """Store in every tier; True when at least one tier holds the block."""
         stored = False
         if self.host is not None:
+            started = time.perf_counter()
             stored = self.host.put(key, data)
+            self._observe("host_put", started)
         if self.disk is not None:
+            started = time.perf_counter()
             stored = self.disk.put(key, data) or stored
+            self._observe("disk_put", started)
         return stored
+
+    def _observe(self, name: str, started: float) -> None:
+        elapsed = time.perf_counter() - started
+        with self._lock:
+            self._latency[name].observe(elapsed)
 
     def stats(self) -> StoreStats:
         with self._lock:
@@ -141,6 +161,7 @@ class TieredStore:
                 lookup_host_blocks=self._lookup_host_blocks,
                 lookup_disk_blocks=self._lookup_disk_blocks,
                 promotions=self._promotions,
+                latency={name: h.snapshot() for name, h in self._latency.items()},
             )
 
 

@@ -44,14 +44,43 @@ COUNTERS: dict[str, str] = {
     "store_save_failures": "KV blocks the store did not accept",
     "store_saves_skipped": "KV blocks not saved because the save queue was full",
 }
+# The node's KV store tiers, in the order a lookup and a load try them.
+STORE_TIERS = ("host", "disk")
+# name -> help text; one counter per tier (label ``tier``), summed like COUNTERS. A
+# tier's misses are the tokens neither it nor a tier before it held, so per tier
+# hits + misses = what reached it (host: every token looked up).
+TIER_COUNTERS: dict[str, str] = {
+    "store_tier_hit_tokens": "prompt tokens a KV store lookup found, by the tier a load reads",
+    "store_tier_miss_tokens": "prompt tokens a KV store lookup found neither in the tier "
+    "nor in one before it",
+}
 # name -> help text. Samples are concatenated when snapshots aggregate.
 SAMPLES: dict[str, str] = {
     "transfer_seconds": "duration of one request's KV load, handshake included",
+    "store_lookup_seconds": "duration of one request's KV store lookup, hit or miss "
+    "(the scheduler waits for it)",
+    "store_load_seconds": "duration of one request's load from the KV store (read and "
+    "copied into the KV cache)",
+    "store_save_seconds": "duration of one request's save to the KV store (copied out of "
+    "the KV cache and stored)",
 }
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+# A lookup that misses should cost well under a millisecond: finer buckets there.
+LOOKUP_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5)
+SAMPLE_BUCKETS: dict[str, tuple[float, ...]] = {"store_lookup_seconds": LOOKUP_BUCKETS_S}
+
+
+def tier_key(name: str, tier: str) -> str:
+    """The ``data`` key of one tier's counter ``name``."""
+    return f"{name}:{tier}"
+
+
+_TIER_KEYS = tuple(tier_key(n, t) for n in TIER_COUNTERS for t in STORE_TIERS)
+_SUMMED = (*COUNTERS, *_TIER_KEYS)
 
 
 def _empty() -> dict[str, Any]:
-    return {**{name: 0 for name in COUNTERS}, **{name: [] for name in SAMPLES}}
+    return {**{name: 0 for name in _SUMMED}, **{name: [] for name in SAMPLES}}
 
 
 @dataclass
@@ -62,7 +91,7 @@ class PDConnectorStats(KVConnectorStats):
         self.data = _empty()
 
     def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
-        for name in COUNTERS:
+        for name in _SUMMED:
             self.data[name] = self.data.get(name, 0) + other.data.get(name, 0)
         for name in SAMPLES:
             self.data[name] = [*self.data.get(name, []), *other.data.get(name, [])]
@@ -70,8 +99,14 @@ class PDConnectorStats(KVConnectorStats):
 
     def reduce(self) -> dict[str, int | float]:
         summary: dict[str, int | float] = {
-            name: self.data.get(name, 0) for name in COUNTERS if self.data.get(name, 0)
+            name: self.data.get(name, 0) for name in _SUMMED if self.data.get(name, 0)
         }
+        for name in ("store_lookup_seconds", "store_load_seconds", "store_save_seconds"):
+            samples = self.data.get(name, [])
+            if samples:
+                summary[f"avg_{name.removesuffix('_seconds')}_ms"] = round(
+                    1000 * sum(samples) / len(samples), 3
+                )
         seconds = self.data.get("transfer_seconds", [])
         if seconds:
             summary["avg_transfer_ms"] = round(1000 * sum(seconds) / len(seconds), 3)
@@ -83,7 +118,7 @@ class PDConnectorStats(KVConnectorStats):
         return summary
 
     def is_empty(self) -> bool:
-        return not any(self.data.get(name) for name in (*COUNTERS, *SAMPLES))
+        return not any(self.data.get(name) for name in (*_SUMMED, *SAMPLES))
 
 
 class TransferCounters:
@@ -139,15 +174,26 @@ class PDPromMetrics(KVConnectorPromMetrics):
                     name=f"vllm:pd_kv_{name}",
                     documentation=doc,
                     labelnames=labelnames,
-                    buckets=[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5],
+                    buckets=list(SAMPLE_BUCKETS.get(name, LATENCY_BUCKETS_S)),
                 ),
                 per_engine_labelvalues,
             )
             for name, doc in SAMPLES.items()
         }
+        # (data key) -> per-engine child of the tier's counter
+        self._tier_counters: dict[str, dict[int, Any]] = {}
+        for name, doc in TIER_COUNTERS.items():
+            counter = self._counter_cls(
+                name=f"vllm:pd_kv_{name}", documentation=doc, labelnames=[*labelnames, "tier"]
+            )
+            for tier in STORE_TIERS:
+                self._tier_counters[tier_key(name, tier)] = {
+                    idx: counter.labels(*values, tier)
+                    for idx, values in per_engine_labelvalues.items()
+                }
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
-        for name, per_engine in self._counters.items():
+        for name, per_engine in (*self._counters.items(), *self._tier_counters.items()):
             value = transfer_stats_data.get(name, 0)
             if value:
                 per_engine[engine_idx].inc(value)
