@@ -4,7 +4,9 @@ Latency histograms and request counters are recorded once through ``ProxyMetrics
 which writes to a Prometheus registry of its own and, when the proxy runs inside a
 Ray driver, mirrors them with ``ray.util.metrics`` so they appear in the Ray
 dashboard's metrics view. KV transfer figures are read from the instances' own
-``/metrics`` (pd's connector exports them there) when ``/metrics`` is scraped.
+``/metrics`` (pd's connector exports them there) when ``/metrics`` is scraped, each
+read bounded by ``SCRAPE_TIMEOUT_S``; the KV store's figures from the same reads are
+summed over the cluster (``pd.proxy.store_metrics``).
 """
 
 from __future__ import annotations
@@ -15,13 +17,16 @@ import logging
 import httpx
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from pd.proxy.instances import InstancePool
+from pd.proxy.instances import Instance, InstancePool
+from pd.proxy.store_metrics import StoreMetricsAggregate
 from pd.vllm_server import parse_prometheus
 
 logger = logging.getLogger(__name__)
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 OWN_TIME_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1)
+# The longest /metrics waits for one instance's: a hung instance costs this, no more.
+SCRAPE_TIMEOUT_S = 2.0
 # Connector counters summed per instance on the proxy's /metrics.
 KV_COUNTERS = (
     "transfers",
@@ -90,6 +95,8 @@ class ProxyMetrics:
             )
             for name in KV_COUNTERS
         }
+        self.store = StoreMetricsAggregate()
+        r.register(self.store)
         self._ray = _RayMirror.create()
 
     def observe_request(self, endpoint: str, status: int, e2e_s: float) -> None:
@@ -112,18 +119,27 @@ class ProxyMetrics:
             self.inflight.labels(inst.name, inst.role).set(inst.inflight_requests)
             self.healthy.labels(inst.name, inst.role).set(1 if inst.healthy else 0)
 
-        async def scrape(inst) -> None:
+        async def scrape(inst: Instance) -> None:
             if not (inst.healthy and inst.url):
                 return
             try:
-                response = await http.get(f"{inst.url}/metrics", timeout=2)
-            except httpx.HTTPError:
+                # httpx's timeout bounds each phase; this bounds the whole read.
+                async with asyncio.timeout(SCRAPE_TIMEOUT_S):
+                    response = await http.get(f"{inst.url}/metrics", timeout=SCRAPE_TIMEOUT_S)
+            except (httpx.HTTPError, TimeoutError):
+                return
+            if response.status_code != 200:
                 return
             samples = parse_prometheus(response.text)
             for name, gauge in self.kv.items():
                 gauge.labels(inst.name, inst.role).set(samples.get(f"vllm:pd_kv_{name}_total", 0))
+            try:
+                self.store.update(inst.name, response.text)
+            except ValueError as e:  # unparsable: keep its last answer
+                logger.debug("store metrics of %s unreadable: %s", inst.name, e)
 
         await asyncio.gather(*(scrape(i) for i in instances))
+        self.store.keep_only(i.name for i in instances)
         return generate_latest(self.registry)
 
 
