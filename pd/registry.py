@@ -51,6 +51,7 @@ AUTO_TRANSPORT = "auto"
 ROUTING_POLICIES = Registry("routing policy")
 ROUTING_POLICIES.register("round_robin", "pd.proxy.routing:RoundRobin")
 ROUTING_POLICIES.register("least_loaded", "pd.proxy.routing:LeastLoaded")
+ROUTING_POLICIES.register("kv_aware", "pd.proxy.kv_routing:KVAware")
 
 FLOWS = Registry("flow")
 FLOWS.register("sequential", "pd.proxy.flow:SequentialFlow")

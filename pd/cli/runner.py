@@ -6,15 +6,18 @@ import asyncio
 import logging
 import signal
 import sys
+from typing import Any
 
 import httpx
 import uvicorn
 
+from pd.cluster import kv_events
 from pd.cluster.launcher import Cluster, StartupError
 from pd.cluster.plan import ClusterPlan
 from pd.log import setup_logging
 from pd.proxy.app import ProxySettings, create_app
 from pd.proxy.instances import Instance, InstancePool
+from pd.proxy.kv_events import EventEndpoints
 from pd.proxy.routing import make_policy
 
 _KEEPALIVE_EXPIRY_S = 2.0  # below vLLM's HTTP keep-alive (see _serve)
@@ -92,7 +95,7 @@ async def _serve(cluster: Cluster, plan: ClusterPlan) -> int:
             pool.instances[handle.plan.name].url = (await handle.actor.info.remote()).url
         app = create_app(
             pool,
-            make_policy(config.proxy.routing),
+            make_policy(config.proxy.routing, **_policy_options(plan)),
             ProxySettings(
                 served_model_name=config.served_model_name,
                 request_timeout_s=config.timeouts.request_s,
@@ -128,6 +131,22 @@ async def _serve(cluster: Cluster, plan: ClusterPlan) -> int:
         print("pd-serve: Ctrl-C to stop", flush=True)
         await server.serve()
         return 0 if server.started else 1
+
+
+def _policy_options(plan: ClusterPlan) -> dict[str, Any]:
+    """What ``routing: kv_aware`` needs: its settings, each instance's KV event sockets,
+    and how the instances hash blocks (their algorithm and PYTHONHASHSEED)."""
+    config = plan.config
+    if config.proxy.routing != "kv_aware":
+        return {}
+    return {
+        "settings": config.proxy.kv_aware.settings(),
+        "endpoints": {i.name: EventEndpoints(*i.kv_events) for i in plan.instances if i.kv_events},
+        "hash_algorithm": kv_events.hash_algorithm(
+            {**config.engine_args, **config.decode.engine_args}
+        ),
+        "hash_seed": kv_events.hash_seed(config.decode.env),
+    }
 
 
 def _tokenizer_of(plan: ClusterPlan) -> str:

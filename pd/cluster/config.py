@@ -13,7 +13,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pd.cluster import kv_events
 from pd.registry import FLOWS, ROUTING_POLICIES, transport_choices
+from pd.routing_settings import KVAwareSettings, kv_aware_default
 from pd.store.config import StoreConfig
 from pd.transfer.config import connector_default
 
@@ -84,14 +86,50 @@ class RoleSpec(_Strict):
         return _check_engine_args(value)
 
 
+class KVAwareSpec(_Strict):
+    """``routing: kv_aware`` settings (docs/routing.md); the defaults are the policy's
+    own (``pd.routing_settings.KVAwareSettings``)."""
+
+    queued_token_weight: float = kv_aware_default("queued_token_weight")
+    """Prefill cost: weight of a prompt token already queued on an instance, against
+    one token this request would compute there (its prompt minus the prefix held)."""
+    decode_affinity_slack: int = kv_aware_default("decode_affinity_slack")
+    """Decode: the instance holding the longest prefix wins while it has at most this
+    many requests in flight more than the least loaded one."""
+    decode_only_cached_fraction: float | None = kv_aware_default("decode_only_cached_fraction")
+    """No prefill leg when the chosen decode instance holds at least this fraction of
+    the prompt (null: never for this reason)."""
+    decode_only_max_uncached_tokens: int = kv_aware_default("decode_only_max_uncached_tokens")
+    """No prefill leg when the decode instance would compute at most this many prompt
+    tokens itself (0: never for this reason)."""
+    max_blocks_per_instance: int = kv_aware_default("max_blocks_per_instance")
+    """Memory bound of the proxy's KV index: block hashes remembered per instance."""
+    replay_timeout_s: float = kv_aware_default("replay_timeout_s")
+    """How long the proxy waits for an instance to replay KV events it missed."""
+    events_port: Annotated[int, Field(ge=1, le=65533)] = 5557
+    """Joined Ray clusters: first TCP port of the instances' KV event sockets (two per
+    instance, numbered across the cluster). A local cluster uses ipc sockets in /tmp."""
+
+    @model_validator(mode="after")
+    def _valid(self) -> KVAwareSpec:
+        self.settings()
+        return self
+
+    def settings(self) -> KVAwareSettings:
+        return KVAwareSettings(**self.model_dump(exclude={"events_port"}))
+
+
 class ProxySpec(_Strict):
     host: str = "127.0.0.1"
     """Address the proxy listens on (loopback unless you open it on purpose)."""
     port: Annotated[int, Field(ge=1, le=65535)] = 8000
     """Port of the OpenAI-compatible API."""
     routing: str = "round_robin"
-    """``round_robin``, or ``least_loaded`` (prefill by outstanding prompt tokens,
-    decode by outstanding requests)."""
+    """``round_robin``; ``least_loaded`` (prefill by outstanding prompt tokens, decode
+    by outstanding requests); ``kv_aware`` (by where the prompt's prefix is cached, from
+    the instances' KV events, and load; may leave prefill out: docs/routing.md)."""
+    kv_aware: KVAwareSpec = Field(default_factory=KVAwareSpec)
+    """Settings of ``routing: kv_aware``."""
     flow: str = "sequential"
     """``sequential``: prefill leg first, then decode with its KV's address.
     ``concurrent``: both legs at once; decode waits for the KV (hides the second hop,
@@ -227,6 +265,14 @@ class ClusterConfig(_Strict):
             raise ValueError(f"store.{e}") from None
         # Instances may start in another directory: pass the disk tier's path absolute.
         return {**value, "disk_path": store.disk_path} if store.disk_path else dict(value)
+
+    @model_validator(mode="after")
+    def _kv_aware_fits(self) -> ClusterConfig:
+        if self.proxy.routing == "kv_aware":
+            roles = {r: (s.engine_args, s.env) for r, s in (("prefill", self.prefill),
+                                                             ("decode", self.decode))}  # fmt: skip
+            kv_events.check(self.engine_args, roles)
+        return self
 
     @property
     def served_model_name(self) -> str:

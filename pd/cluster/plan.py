@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pd.cluster import kv_size
+from pd.cluster import kv_events, kv_size
 from pd.cluster.config import ClusterConfig, ConfigError, RoleSpec
 from pd.models import model_dir
 
@@ -36,6 +36,8 @@ class InstancePlan:
     num_gpus: int
     cpu_cores: str | None
     niceness: int = 0  # the vLLM server's CPU priority
+    # routing: kv_aware: the (publisher, replay) KV event endpoints vLLM binds.
+    kv_events: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -97,27 +99,37 @@ def make_plan(config: ClusterConfig, available_cores: list[int] | None = None) -
     _check_local_model_path(config)
     cpus = _cpus_per_instance(config, len(cores))
     next_core = 0
-    instances = []
+    instances: list[InstancePlan] = []
+    events_token = kv_events.new_run_token()  # names this start's ipc sockets
     for role, spec in (("prefill", config.prefill), ("decode", config.decode)):
         kv_size.check(config, role, spec, {**config.engine_args, **spec.engine_args})
         for index in range(spec.instances):
             cpu_cores, next_core = _cores_for(spec, cpus[role], cores, next_core, warnings)
             # A local cluster stays on loopback; a joined one uses each node's IP.
             host = "127.0.0.1" if config.ray.address is None else None
+            name = f"pd-{role}-{index}"
+            events = None
+            if config.proxy.routing == "kv_aware":
+                port_base = config.proxy.kv_aware.events_port
+                ordinal = len(instances)
+                events = kv_events.endpoints(host is not None, name, ordinal, port_base,
+                                             events_token)  # fmt: skip
             instances.append(
                 InstancePlan(
-                    name=f"pd-{role}-{index}",
+                    name=name,
                     role=role,
                     index=index,
                     model=model,
                     model_preset=config.model.preset,
                     host=host,
-                    vllm_args=_vllm_args(config, role, spec),
+                    vllm_args=_vllm_args(config, role, spec)
+                    + (kv_events.vllm_args(*events) if events else []),
                     env=_env(config, spec, cpu_cores, loopback=host is not None),
                     num_cpus=cpus[role],
                     num_gpus=spec.resources.gpus,
                     cpu_cores=cpu_cores,
                     niceness=spec.resources.niceness,
+                    kv_events=events,
                 )
             )
     if not _is_loopback(config.proxy.host) and config.proxy.resolved_api_key() is None:

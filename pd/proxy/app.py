@@ -24,8 +24,9 @@ from pd.proxy.auth import ApiKeyMiddleware
 from pd.proxy.errors import ProxyError, error_response
 from pd.proxy.flow import Flow, Leg
 from pd.proxy.instances import InstancePool
+from pd.proxy.kv_index import KVIndex
 from pd.proxy.metrics import ProxyMetrics
-from pd.proxy.routing import RoutingPolicy, RoutingRequest
+from pd.proxy.routing import DECODE_ONLY, RoutingPolicy, RoutingRequest
 from pd.proxy.tokenizer import ModelTokenizer
 from pd.proxy.validation import MIB, RequestLimits, read_body
 from pd.registry import FLOWS
@@ -45,6 +46,13 @@ class ProxySettings:
     max_model_len: int | None = None  # None: vLLM alone checks max_tokens against it
     api_key: str | None = field(default=None, repr=False)  # None: no authentication
     tokenizer: str | None = None  # the model's folder or hub id, for routing by token ids
+
+
+def _report_end(task: asyncio.Task) -> None:
+    """The policy's background work should run until shutdown; say so if it ended."""
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("routing policy's background task failed: %r; routing goes on "
+                     "without it", task.exception())  # fmt: skip
 
 
 def create_app(
@@ -70,10 +78,13 @@ def create_app(
     async def lifespan(app: FastAPI):
         await pool.check_all()
         checker = asyncio.create_task(pool.run())
+        background = asyncio.create_task(policy.run(pool))  # e.g. KV events in
+        background.add_done_callback(_report_end)
         try:
             yield
         finally:
             checker.cancel()
+            background.cancel()
 
     app = FastAPI(title="pd", lifespan=lifespan)
     app.state.pool = pool
@@ -112,7 +123,9 @@ def create_app(
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        return Response(await metrics.render(http), media_type="text/plain; version=0.0.4")
+        kv_index = getattr(policy, "index", None)
+        rendered = await metrics.render(http, kv_index if isinstance(kv_index, KVIndex) else None)
+        return Response(rendered, media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models() -> JSONResponse:
@@ -156,7 +169,10 @@ def create_app(
             raise ProxyError(503, "no decode instance is available; retry later")
         routed = RoutingRequest(endpoint, body, tokenizer)
         # No prefill in rotation: decode serves alone (Flow.serve_alone).
+        routing_started = time.monotonic()
         route = await policy.route(routed, pool.healthy("prefill"), decodes)
+        metrics.routing.observe(time.monotonic() - routing_started)
+        metrics.routing_decisions.labels(route.kind).inc()
 
         leg = Leg(
             request=request,
@@ -171,7 +187,12 @@ def create_app(
         try:
             # Until the answer starts; a stream's relay keeps the same deadline.
             async with asyncio.timeout(leg.deadline - time.monotonic()):
-                serve = flow.serve if leg.prefill is not None else flow.serve_alone
+                if leg.prefill is not None:
+                    serve = flow.serve
+                elif route.kind == DECODE_ONLY:
+                    serve = flow.serve_decode_only
+                else:
+                    serve = flow.serve_alone
                 return await serve(leg)
         except TimeoutError:
             raise ProxyError(

@@ -19,7 +19,9 @@ locate the prompt's KV, loads it and generates. Three flows implement it:
     continues from it.
 
 With no prefill instance in rotation, every flow sends the request to decode alone
-(``Flow.serve_alone``), which prefills it itself.
+(``Flow.serve_alone``, counted as a fallback), which prefills it itself; so does a
+route on which the policy left prefill out (``Flow.serve_decode_only``: decode holds
+most of the prompt already; counted as a routing decision, not a fallback).
 
 All: a request the prefill instance rejects (4xx) is answered with its error; if
 the prefill leg fails, or its instance leaves rotation (health checks found it
@@ -67,7 +69,7 @@ class Leg:
     endpoint: str  # "completions" | "chat/completions"
     body: dict[str, Any]
     prompt_tokens: int
-    prefill: Instance | None  # None: no prefill instance in rotation (Flow.serve_alone)
+    prefill: Instance | None  # None: decode alone (Flow.serve_alone, serve_decode_only)
     decode: Instance
     started: float  # time.monotonic() when the proxy received it
     deadline: float  # time.monotonic() by which the answer must be complete
@@ -102,6 +104,11 @@ class Flow(ABC):
         """No prefill instance is in rotation: decode prefills the prompt itself, so
         the cluster keeps serving (slower) until one is back."""
         self._metrics.fallbacks.inc()
+        return await self.serve_decode_only(leg)
+
+    async def serve_decode_only(self, leg: Leg) -> Response:
+        """The routing policy left prefill out (decode holds most of the prompt, or
+        what it lacks is short): decode computes what it lacks. Not a fallback."""
         self._observe_own_time(time.monotonic() - leg.started)
         return await self._decode_answer(leg, leg.body)
 

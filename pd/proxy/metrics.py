@@ -18,6 +18,7 @@ import httpx
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from pd.proxy.instances import Instance, InstancePool
+from pd.proxy.kv_index import KVIndex
 from pd.proxy.store_metrics import StoreMetricsAggregate
 from pd.vllm_server import parse_prometheus
 
@@ -73,6 +74,20 @@ class ProxyMetrics:
             "pd_prefill_fallbacks", "Requests decode prefilled itself (prefill unavailable)",
             registry=r,
         )  # fmt: skip
+        self.routing_decisions = Counter(
+            "pd_routing_decisions",
+            "Routes chosen, by decision: prefill (both legs), decode_only (the policy left "
+            "prefill out), no_prefill (none in rotation)",
+            ["decision"], registry=r,
+        )  # fmt: skip
+        self.routing = Histogram(
+            "pd_routing_seconds", "The routing policy's own time per request (tokenizing "
+            "and hashing the prompt included)", buckets=OWN_TIME_BUCKETS_S, registry=r,
+        )  # fmt: skip
+        self.kv_index_blocks = Gauge(
+            "pd_kv_index_blocks", "Block hashes the proxy's KV index holds per instance "
+            "(routing: kv_aware)", ["instance", "role"], registry=r,
+        )  # fmt: skip
         self.first_tokens = Counter(
             "pd_first_token_handoffs",
             "Streamed requests whose first token came from the prefill leg (first-token flow)",
@@ -112,12 +127,14 @@ class ProxyMetrics:
         self.itl.observe(seconds)
         self._ray.observe("itl", seconds)
 
-    async def render(self, http: httpx.AsyncClient) -> bytes:
+    async def render(self, http: httpx.AsyncClient, kv_index: KVIndex | None = None) -> bytes:
         """Refresh per-instance gauges (KV counters scraped from instances) and render."""
         instances = list(self._pool.instances.values())
         for inst in instances:
             self.inflight.labels(inst.name, inst.role).set(inst.inflight_requests)
             self.healthy.labels(inst.name, inst.role).set(1 if inst.healthy else 0)
+            if kv_index is not None:
+                self.kv_index_blocks.labels(inst.name, inst.role).set(kv_index.size(inst.name))
 
         async def scrape(inst: Instance) -> None:
             if not (inst.healthy and inst.url):

@@ -6,7 +6,9 @@ healthy instances of both roles, and chooses the pair in one call (``Route``). A
 KV-aware policy weighs where a prompt's blocks are cached against load, for both
 roles at once, and may leave prefill out (``Route.prefill`` None: decode prefills
 the prompt itself, e.g. when it already holds most of it). The policies here look at
-load only, each role on its own. Their names are registered in ``pd.registry``.
+load only, each role on its own; ``kv_aware`` is in ``pd.proxy.kv_routing``. Their
+names are registered in ``pd.registry``. Each route names its decision (counted in
+``pd_routing_decisions_total{decision}``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
-from pd.proxy.instances import Instance
+from pd.proxy.instances import Instance, InstancePool
 from pd.registry import ROUTING_POLICIES
 
 
@@ -54,10 +56,23 @@ class RoutingRequest:
         return estimate_prompt_tokens(self.body)
 
 
+# What a route decided, as ``pd_routing_decisions_total`` counts it.
+PREFILL = "prefill"  # both legs: prefill computes, decode loads the KV
+DECODE_ONLY = "decode_only"  # the policy left prefill out: decode computes what it lacks
+NO_PREFILL = "no_prefill"  # no prefill instance in rotation: decode serves alone
+
+
 @dataclass(frozen=True)
 class Route:
     prefill: Instance | None  # None: decode prefills the prompt itself
     decode: Instance
+    decision: str = ""  # PREFILL, DECODE_ONLY or NO_PREFILL; "" reads as what prefill says
+
+    @property
+    def kind(self) -> str:
+        if self.decision:
+            return self.decision
+        return PREFILL if self.prefill is not None else NO_PREFILL
 
 
 class RoutingPolicy(ABC):
@@ -69,6 +84,10 @@ class RoutingPolicy(ABC):
     ) -> Route:
         """Choose the pair. ``decodes`` is never empty; with no ``prefills`` (none in
         rotation) the route's prefill is None."""
+
+    async def run(self, pool: InstancePool) -> None:  # noqa: B027
+        """Background work while the proxy serves (a KV-aware policy receives the
+        instances' KV events); cancelled at shutdown. Nothing by default."""
 
 
 class PerRole(RoutingPolicy):
@@ -108,8 +127,9 @@ class LeastLoaded(PerRole):
         return min(candidates, key=lambda i: (i.inflight_requests, i.name))
 
 
-def make_policy(name: str) -> RoutingPolicy:
-    policy: RoutingPolicy = ROUTING_POLICIES.load(name)()
+def make_policy(name: str, **options: Any) -> RoutingPolicy:
+    """The policy ``name``, built with ``options`` (only ``kv_aware`` takes any)."""
+    policy: RoutingPolicy = ROUTING_POLICIES.load(name)(**options)
     return policy
 
 

@@ -1,0 +1,82 @@
+"""A prompt's prefix-cache block hashes, computed in the proxy as the instances do.
+
+vLLM names each full block of a request's tokens by a hash chained over its
+parent's hash, the block's token ids and its extra keys (here only ``cache_salt``,
+on the first block), seeded by ``NONE_HASH`` = the algorithm applied to the seed
+string (``PYTHONHASHSEED`` if the instance has it, else vLLM's fixed default). Its KV
+cache events name blocks by the digest's low 64 bits, as ints; so does the index.
+Only the cryptographic algorithms are deterministic across processes, so only those
+can be reproduced here (``sha256``: pickle, protocol 5, of the tuple; ``sha256_cbor``:
+canonical CBOR). tests/test_kv_index.py checks the chain against vLLM's own function.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+from collections.abc import Callable, Sequence
+from typing import Any
+
+# vLLM's seed when PYTHONHASHSEED is unset (kv_cache_utils.DEFAULT_NONE_HASH_SEED).
+DEFAULT_SEED = "vllm-none-hash"
+_LOW_64 = (1 << 64) - 1
+
+
+def _sha256_pickle(value: Any) -> bytes:
+    return hashlib.sha256(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)).digest()
+
+
+def _sha256_cbor(value: Any) -> bytes:
+    import cbor2  # a dependency of vLLM; loaded only when the instances use it
+
+    return hashlib.sha256(cbor2.dumps(value, canonical=True)).digest()
+
+
+HASH_ALGORITHMS: dict[str, Callable[[Any], bytes]] = {
+    "sha256": _sha256_pickle,
+    "sha256_cbor": _sha256_cbor,
+}
+
+
+def external_hash(block_hash: bytes | int) -> int:
+    """A block hash as KV events name it by default: the digest's low 64 bits."""
+    if isinstance(block_hash, int):
+        return block_hash & _LOW_64
+    return int.from_bytes(block_hash, "big") & _LOW_64
+
+
+class BlockHasher:
+    """Hashes of a token sequence's full blocks of ``block_size`` tokens."""
+
+    def __init__(self, block_size: int, algorithm: str = "sha256", seed: str | None = None) -> None:
+        """``seed``: the instances' ``PYTHONHASHSEED``; None when they have none."""
+        if block_size < 1:
+            raise ValueError(f"block_size must be positive, not {block_size}")
+        if algorithm not in HASH_ALGORITHMS:
+            raise ValueError(
+                f"prefix-caching hash algorithm {algorithm!r} cannot be reproduced outside "
+                f"the instance; use one of {sorted(HASH_ALGORITHMS)}"
+            )
+        self.block_size = block_size
+        self.algorithm = algorithm
+        self._hash = HASH_ALGORITHMS[algorithm]
+        self._none_hash = self._hash(DEFAULT_SEED if seed is None else seed)
+
+    def digests(self, token_ids: Sequence[int], cache_salt: str | None = None) -> list[bytes]:
+        """The full digests of the full blocks, in order (vLLM's ``request.block_hashes``)."""
+        size = self.block_size
+        parent = self._none_hash
+        out = []
+        for start in range(0, len(token_ids) - size + 1, size):
+            extra = (("cache_salt", cache_salt),) if start == 0 and cache_salt else None
+            parent = self._hash((parent, tuple(token_ids[start : start + size]), extra))
+            out.append(parent)
+        return out
+
+    def hashes(self, token_ids: Sequence[int], cache_salt: str | None = None) -> list[int]:
+        """The blocks' hashes as KV events carry them (low 64 bits)."""
+        return [external_hash(d) for d in self.digests(token_ids, cache_salt)]
+
+    def first_block(self, token_ids: Sequence[int]) -> int:
+        """The hash of a chain's first block of ``token_ids`` (a full block, no salt)."""
+        return external_hash(self._hash((self._none_hash, tuple(token_ids), None)))
