@@ -82,21 +82,32 @@ class PdServeProcess:
     """``pd-serve --config FILE`` on ``config`` plus its own ports; ``start()`` launches it."""
 
     def __init__(
-        self, config: dict[str, Any], workdir: Path | None = None, *, split_stderr: bool = False
+        self,
+        config: dict[str, Any],
+        workdir: Path | None = None,
+        *,
+        split_stderr: bool = False,
+        command_prefix: list[str] | tuple[str, ...] = (),
+        proxy_host: str | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
+        """``command_prefix`` runs pd-serve under a command (``ip netns exec HOST``: on a
+        test host of scripts/test_hosts.py), its proxy listening on ``proxy_host``
+        (default: the config's, loopback); ``env``: extra environment (a joined
+        cluster's Ray settings)."""
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="pd-serve-"))
         # split_stderr: pd-serve's stderr (its errors) to stderr_path, not into log_path.
         self.stderr_path = self.workdir / "pd-serve.stderr" if split_stderr else None
+        self.command_prefix = list(command_prefix)
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.config = deep_merge(
-            config, {"proxy": {"port": self.port}, "ray": {"dashboard_port": free_port()}}
-        )
+        self.url = f"http://{proxy_host or '127.0.0.1'}:{self.port}"
+        proxy = {"port": self.port, **({"host": proxy_host} if proxy_host else {})}
+        self.config = deep_merge(config, {"proxy": proxy, "ray": {"dashboard_port": free_port()}})
         self.config_path = self.workdir / "cluster.yaml"
         self.log_path = self.workdir / "pd-serve.log"
         # Short: Ray's socket paths under it must fit a Unix socket address.
         self.ray_tmpdir = tempfile.mkdtemp(prefix="pd-ray-", dir="/tmp")
-        self.ray_env = {**os.environ, "RAY_TMPDIR": self.ray_tmpdir}
+        self.ray_env = {**os.environ, "RAY_TMPDIR": self.ray_tmpdir, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
         self.ports_seen: set[int] = set()  # every vLLM port any instance ever served on
 
@@ -116,7 +127,12 @@ class PdServeProcess:
             log = files.enter_context(open(self.log_path, "wb"))
             errors = files.enter_context(open(self.stderr_path, "wb")) if self.stderr_path else None
             self.proc = subprocess.Popen(
-                [Path(sys.executable).with_name("pd-serve"), "--config", str(self.config_path)],
+                [
+                    *self.command_prefix,
+                    str(Path(sys.executable).with_name("pd-serve")),
+                    "--config",
+                    str(self.config_path),
+                ],
                 stdout=log,
                 stderr=errors or subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

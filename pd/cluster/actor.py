@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pd.cluster.network import instance_network_env
 from pd.cluster.plan import InstancePlan
 from pd.cluster.priority import set_niceness
 from pd.vllm_server import VllmServer
@@ -71,7 +72,7 @@ class InstanceActor:
             model,
             host=host,
             args=plan.vllm_args,
-            env={**plan.env, "PD_HOST": host},
+            env={**plan.env, **instance_network_env(host, plan.env, plan.num_gpus)},
             log_path=Path(log_dir) / f"{plan.name}.log",
             lock_path=instance_lock_path(plan.name),
         ).start()

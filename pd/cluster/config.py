@@ -71,6 +71,36 @@ class Resources(_Strict):
     needs CAP_SYS_NICE (pd-serve warns where it is missing)."""
 
 
+class Placement(_Strict):
+    """Which nodes of a joined Ray cluster hold this role's instances (docs/multi-node.md).
+    Empty: any node with room."""
+
+    labels: dict[str, str] = Field(default_factory=dict)
+    """Ray node labels the node must have, every one (``ray start --labels key=value``),
+    e.g. ``{pd-host: host-1}``."""
+    resources: dict[str, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)
+    """Custom Ray resources each instance takes (``ray start --resources '{"name": 1}'``):
+    only nodes that have them hold it, e.g. ``{prefill-node: 1}``."""
+
+    @field_validator("resources")
+    @classmethod
+    def _custom_only(cls, value: dict[str, float]) -> dict[str, float]:
+        builtin = sorted({"CPU", "GPU", "memory", "object_store_memory"} & set(value))
+        if builtin:
+            raise ValueError(f"{builtin} are set by resources.cpus/gpus; name custom ones here")
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _named(cls, value: dict[str, str]) -> dict[str, str]:
+        if any(not key.strip() for key in value):
+            raise ValueError("a label needs a name")
+        return value
+
+    def __bool__(self) -> bool:
+        return bool(self.labels or self.resources)
+
+
 class RoleSpec(_Strict):
     instances: Annotated[int, Field(ge=1, le=64)] = 1
     """Number of vLLM instances of this role."""
@@ -79,6 +109,8 @@ class RoleSpec(_Strict):
     resources: Resources = Field(default_factory=Resources)
     env: dict[str, str] = Field(default_factory=dict)
     """Extra environment variables for this role's vLLM processes."""
+    placement: Placement = Field(default_factory=Placement)
+    """A joined cluster (``ray.address``): the nodes this role's instances run on."""
 
     @field_validator("engine_args")
     @classmethod
@@ -253,6 +285,16 @@ class ClusterConfig(_Strict):
     @classmethod
     def _not_reserved(cls, value: dict[str, Any]) -> dict[str, Any]:
         return _check_engine_args(value)
+
+    @model_validator(mode="after")
+    def _placement_needs_cluster(self) -> ClusterConfig:
+        for role in ("prefill", "decode"):
+            if getattr(self, role).placement and self.ray.address is None:
+                raise ValueError(
+                    f"{role}.placement: a local cluster is one node without these labels or "
+                    "resources; set ray.address to join a cluster (docs/multi-node.md)"
+                )
+        return self
 
     @field_validator("store")
     @classmethod

@@ -114,6 +114,7 @@ class Cluster:
                 num_cpus=inst.num_cpus,
                 num_gpus=inst.num_gpus,
                 max_restarts=ray_spec.max_restarts,
+                **actor_placement_options(inst),
                 # Keep vLLM's own environment choices (CUDA_VISIBLE_DEVICES comes from Ray).
                 runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}},
             ).remote(inst, str(self.log_dir))
@@ -205,3 +206,13 @@ class Cluster:
         self._stores.clear()
         # Stops the local cluster if we started it; otherwise only disconnects.
         ray.shutdown()
+
+
+def actor_placement_options(inst: InstancePlan) -> dict[str, Any]:
+    """Ray actor options that keep ``inst`` on the nodes its role's placement names."""
+    options: dict[str, Any] = {}
+    if inst.ray_resources:
+        options["resources"] = dict(inst.ray_resources)
+    if inst.node_labels:
+        options["label_selector"] = dict(inst.node_labels)
+    return options

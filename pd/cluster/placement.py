@@ -76,7 +76,11 @@ def ray_nodes() -> list[Node]:
     import ray
 
     return [
-        Node(str(n.get("NodeManagerAddress") or n["NodeID"][:8]), dict(n["Resources"]))
+        Node(
+            str(n.get("NodeManagerAddress") or n["NodeID"][:8]),
+            dict(n["Resources"]),
+            labels=dict(n.get("Labels") or {}),
+        )
         for n in ray.nodes()
         if n.get("Alive")
     ]

@@ -38,6 +38,10 @@ class InstancePlan:
     niceness: int = 0  # the vLLM server's CPU priority
     # routing: kv_aware: the (publisher, replay) KV event endpoints vLLM binds.
     kv_events: tuple[str, str] | None = None
+    # A joined cluster: custom Ray resources the actor takes, node labels it needs
+    # (describe() prints them after the niceness).
+    ray_resources: dict[str, float] = field(default_factory=dict)
+    node_labels: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,8 @@ class ClusterPlan:
         for inst in self.instances:
             cores = f" cores={inst.cpu_cores}" if inst.cpu_cores else ""
             nice = f" nice={inst.niceness}" if inst.niceness else ""
+            nice += "".join(f" {k}={v:g}" for k, v in inst.ray_resources.items())
+            nice += "".join(f" label:{k}={v}" for k, v in inst.node_labels.items())
             lines.append(
                 f"  {inst.name:<14} cpus={inst.num_cpus:g} gpus={inst.num_gpus}{cores}{nice} "
                 f"port=auto\n    vllm serve {shlex.join([inst.model, *inst.vllm_args])}"
@@ -130,6 +136,8 @@ def make_plan(config: ClusterConfig, available_cores: list[int] | None = None) -
                     cpu_cores=cpu_cores,
                     niceness=spec.resources.niceness,
                     kv_events=events,
+                    ray_resources=dict(spec.placement.resources),
+                    node_labels=dict(spec.placement.labels),
                 )
             )
     if not _is_loopback(config.proxy.host) and config.proxy.resolved_api_key() is None:

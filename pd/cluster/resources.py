@@ -27,17 +27,20 @@ class Node:
     total: dict[str, float]
     free: dict[str, float] = field(default_factory=dict)  # what the plan leaves
     holders: list[str] = field(default_factory=list)  # instances placed on it
+    labels: dict[str, str] = field(default_factory=dict)  # Ray node labels
 
 
 def demand(instance: InstancePlan) -> dict[str, float]:
     """What the instance's actor asks Ray for."""
     wanted = {"CPU": float(instance.num_cpus), "GPU": float(instance.num_gpus)}
+    wanted.update(instance.ray_resources)  # custom resources of its role's placement
     return {kind: amount for kind, amount in wanted.items() if amount > 0}
 
 
 def fmt(resources: Mapping[str, float]) -> str:
     """``{"CPU": 0.66, "GPU": 0}`` -> ``CPU 0.66, GPU 0`` (pd's kinds only, in order)."""
     parts = [f"{kind} {resources.get(kind, 0.0):g}" for kind in _KINDS if kind in resources]
+    parts += [f"{kind} {amount:g}" for kind, amount in resources.items() if kind not in _KINDS]
     return ", ".join(parts) or "nothing"
 
 
@@ -46,13 +49,17 @@ def fit_problems(instances: Iterable[InstancePlan], nodes: list[Node]) -> list[s
     cluster has; empty when all fit. Places the largest demands first on the first node
     with room (first-fit decreasing): exact for one node, a close bound for several."""
     for each in nodes:
-        each.free = {kind: each.total.get(kind, 0.0) for kind in _KINDS}
+        each.free = {**each.total, **{kind: each.total.get(kind, 0.0) for kind in _KINDS}}
         each.holders = []
     problems: list[str] = []
     ordered = sorted(instances, key=lambda i: (-i.num_gpus, -i.num_cpus, i.name))
     for inst in ordered:
         wanted = demand(inst)
-        node = next((n for n in nodes if _covers(n.free, wanted)), None)
+        eligible = [n for n in nodes if _eligible(n, inst)]
+        if not eligible:
+            problems.append(_no_such_node(inst, len(nodes)))
+            continue
+        node = next((n for n in eligible if _covers(n.free, wanted)), None)
         if node is not None:
             for kind, amount in wanted.items():
                 node.free[kind] -= amount
@@ -60,6 +67,21 @@ def fit_problems(instances: Iterable[InstancePlan], nodes: list[Node]) -> list[s
             continue
         problems.append(_why_not(inst.name, wanted, nodes))
     return problems
+
+
+def _eligible(node: Node, inst: InstancePlan) -> bool:
+    """Whether ``node`` has the labels and the kinds of custom resources ``inst`` names."""
+    labels = all(node.labels.get(key) == value for key, value in inst.node_labels.items())
+    return labels and all(kind in node.total for kind in inst.ray_resources)
+
+
+def _no_such_node(inst: InstancePlan, count: int) -> str:
+    wanted = [f"label {k}={v}" for k, v in inst.node_labels.items()]
+    wanted += [f"resource {kind}" for kind in inst.ray_resources]
+    return (
+        f"{inst.name} needs a node with {' and '.join(wanted)}; none of the cluster's "
+        f"{count} nodes has it ({inst.role}.placement)"
+    )
 
 
 def _covers(have: Mapping[str, float], wanted: Mapping[str, float]) -> bool:
