@@ -201,3 +201,15 @@ def test_proxy_limits_reach_the_proxy(tmp_path):
     assert _decode_max_model_len(make_plan(load_config(path), available_cores=[0, 1])) == 1024
     path.write_text("model: {preset: tiny}\nengine_args: {max_model_len: 4k}")
     assert _decode_max_model_len(make_plan(load_config(path), available_cores=[0, 1])) is None
+
+
+def test_with_a_store_the_instances_leave_starting_it_to_pd_serve(tmp_path):
+    """pd-serve's store actor runs the node's store: an instance must never start one
+    (it would be under the instance's guardian and die with it)."""
+    plain = make_plan(load_config(CONFIGS / "local.yaml"), available_cores=[0, 1])
+    stored = make_plan(
+        load_config(CONFIGS / "local.yaml", {"store": {"disk_path": str(tmp_path)}}),
+        available_cores=[0, 1],
+    )
+    assert all("PD_STORE_MANAGED" not in inst.env for inst in plain.instances)
+    assert all(inst.env["PD_STORE_MANAGED"] == "1" for inst in stored.instances)
