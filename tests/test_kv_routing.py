@@ -264,3 +264,13 @@ def test_a_joined_cluster_publishes_on_numbered_tcp_ports():
 def test_other_policies_publish_no_events():
     plan = make_plan(config(proxy={"routing": "least_loaded"}), available_cores=[0, 1])
     assert all(events_config(i.vllm_args) is None and i.kv_events is None for i in plan.instances)
+
+
+def test_ipc_socket_files_are_removed_after_the_instances(tmp_path):
+    from pd.cluster.kv_events import remove_ipc_files
+
+    files = [tmp_path / "a.pub", tmp_path / "a.replay"]
+    for f in files:
+        f.touch()
+    remove_ipc_files([(f"ipc://{files[0]}", f"ipc://{files[1]}"), ("tcp://*:1", "tcp://*:2")])
+    assert not any(f.exists() for f in files)

@@ -70,6 +70,7 @@ def run_cluster(plan: ClusterPlan) -> int:
     finally:
         print("pd-serve: stopping instances", flush=True)
         cluster.shutdown(grace_s=config.timeouts.drain_s)
+        kv_events.remove_ipc_files([i.kv_events for i in plan.instances if i.kv_events])
         print("pd-serve: stopped", flush=True)
 
 

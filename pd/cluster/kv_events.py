@@ -11,6 +11,7 @@ the proxy at the node address in the instance's URL.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from typing import Any
@@ -32,6 +33,16 @@ def endpoints(local: bool, name: str, ordinal: int, port_base: int, token: str) 
         return f"{stem}.pub", f"{stem}.replay"
     port = port_base + 2 * ordinal
     return f"tcp://*:{port}", f"tcp://*:{port + 1}"
+
+
+def remove_ipc_files(endpoints: list[tuple[str, str]]) -> None:
+    """Remove the socket files of ``ipc://`` endpoints once their instances are gone
+    (vLLM's publisher, killed with its engine, leaves them in /tmp)."""
+    for pair in endpoints:
+        for endpoint in pair:
+            if endpoint.startswith("ipc://"):
+                with contextlib.suppress(OSError):
+                    os.unlink(endpoint.removeprefix("ipc://"))
 
 
 def vllm_args(publisher: str, replay: str) -> list[str]:
