@@ -122,6 +122,16 @@ class Host:
         """Cut (``up=False``) or restore the host's link to the bridge."""
         _run("ip", "link", "set", self.bridge_port, "up" if up else "down")
 
+    def shape(self, rate: str) -> None:
+        """Limit what the host sends to ``rate`` (tc's units, e.g. ``20mbit``): a slow link,
+        so that a transfer lasts long enough to be cut in its middle."""
+        self.unshape()
+        _run(*self.exec_prefix(), "tc", "qdisc", "add", "dev", self.interface, "root", "tbf",
+             "rate", rate, "burst", "32kbit", "latency", "400ms")  # fmt: skip
+
+    def unshape(self) -> None:
+        _run(*self.exec_prefix(), "tc", "qdisc", "del", "dev", self.interface, "root", check=False)
+
     def pids(self) -> list[int]:
         done = _run("ip", "netns", "pids", self.netns, check=False)
         return [int(p) for p in done.stdout.split()] if done.returncode == 0 else []
@@ -256,6 +266,17 @@ class NetnsHosts:
                 return
             time.sleep(1)
         raise HostsError(f"Ray has {alive} live nodes after {timeout_s:.0f}s, not {count}")
+
+    @staticmethod
+    def stop_processes(host: Host, grace_s: float = 10) -> None:
+        """End every process inside ``host`` (its Ray node and all it runs): SIGTERM, then
+        SIGKILL after ``grace_s``."""
+        _end_processes(host.pids(), signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while host.pids() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        _end_processes(host.pids(), signal.SIGKILL)
+        _wait_gone(host, 10)
 
     def raylet_pid(self, host: Host) -> int | None:
         return next((p for p in host.pids() if _process_name(p) == "raylet"), None)
