@@ -166,6 +166,10 @@ def test_a_repeated_prefix_goes_to_the_instance_that_holds_it(serve, client, ref
     assert hits["pd-prefill-1"] >= (len(PREFIX_Y) // BLOCK) * BLOCK
     assert decisions(serve, "prefill") == before + 1
     assert text == expected(reference, prompt)
+    feeds = proxy_metrics(serve)
+    for name in ("pd-prefill-0", "pd-prefill-1", "pd-decode-0"):
+        assert feeds[f'pd_kv_events{{instance="{name}",kind="batches"}}'] > 0
+        assert feeds[f'pd_kv_events{{instance="{name}",kind="hash_mismatches"}}'] == 0
 
 
 def test_a_prompt_decode_holds_nearly_all_of_skips_prefill_with_the_same_output(

@@ -124,7 +124,12 @@ def create_app(
     @app.get("/metrics")
     async def prometheus() -> Response:
         kv_index = getattr(policy, "index", None)
-        rendered = await metrics.render(http, kv_index if isinstance(kv_index, KVIndex) else None)
+        feeds = getattr(policy, "feeds", None)
+        rendered = await metrics.render(
+            http,
+            kv_index if isinstance(kv_index, KVIndex) else None,
+            {name: f.stats for name, f in feeds.feeds.items()} if feeds is not None else None,
+        )
         return Response(rendered, media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")

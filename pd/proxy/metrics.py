@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import asdict
 
 import httpx
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from pd.proxy.instances import Instance, InstancePool
+from pd.proxy.kv_events import FeedStats
 from pd.proxy.kv_index import KVIndex
 from pd.proxy.store_metrics import StoreMetricsAggregate
 from pd.vllm_server import parse_prometheus
@@ -88,6 +90,11 @@ class ProxyMetrics:
             "pd_kv_index_blocks", "Block hashes the proxy's KV index holds per instance "
             "(routing: kv_aware)", ["instance", "role"], registry=r,
         )  # fmt: skip
+        self.kv_events = Gauge(
+            "pd_kv_events", "The proxy's KV event feeds (routing: kv_aware), per instance: "
+            "batches applied, gaps, resyncs, drops, hash_mismatches (since pd-serve started)",
+            ["instance", "kind"], registry=r,
+        )  # fmt: skip
         self.first_tokens = Counter(
             "pd_first_token_handoffs",
             "Streamed requests whose first token came from the prefill leg (first-token flow)",
@@ -127,8 +134,16 @@ class ProxyMetrics:
         self.itl.observe(seconds)
         self._ray.observe("itl", seconds)
 
-    async def render(self, http: httpx.AsyncClient, kv_index: KVIndex | None = None) -> bytes:
+    async def render(
+        self,
+        http: httpx.AsyncClient,
+        kv_index: KVIndex | None = None,
+        kv_feeds: dict[str, FeedStats] | None = None,
+    ) -> bytes:
         """Refresh per-instance gauges (KV counters scraped from instances) and render."""
+        for name, stats in (kv_feeds or {}).items():
+            for kind, value in asdict(stats).items():
+                self.kv_events.labels(name, kind).set(value)
         instances = list(self._pool.instances.values())
         for inst in instances:
             self.inflight.labels(inst.name, inst.role).set(inst.inflight_requests)
