@@ -156,6 +156,9 @@ def test_evicted_prompt_is_loaded_from_the_store(server, tiny_model, store_confi
     assert grew(before, after, metric("store_hit_tokens")) == 5 * BLOCK_SIZE
     assert grew(before, after, metric("store_load_failures")) == 0
     assert grew(before, after, metric("store_bytes_loaded")) > 0
+    # Timed (the benchmark reads these histograms).
+    assert grew(before, after, "vllm:pd_kv_store_load_seconds_count") == 1
+    assert grew(before, after, "vllm:pd_kv_store_lookup_seconds_count") >= 1
     # Exported with a later step's stats: the prompt's 5 at least (the fillers' steps).
     assert grew(start, after, metric("store_blocks_stored")) >= 5
     # vLLM's own view: none of it from the local prefix cache, all 5 blocks external.
