@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .chart import chart
+from .scrape import histogram_mean_ms, histogram_quantile_ms
 
 ANALYSIS = "## What the numbers show"  # the hand-written part below the tables
 CHART = "reuse.png"
@@ -144,6 +145,18 @@ def docqa_table(results: dict[str, Any]) -> list[str]:
                 f"| {c.get('prefix_cache_hits', 0):.0f} | {c.get('host_hit_tokens', 0):.0f} "
                 f"| {c.get('disk_hit_tokens', 0):.0f} |"
             )
+    timing = [
+        f"{name} lookup {histogram_mean_ms(c, 'lookup'):.2f} ms, load "
+        f"{histogram_mean_ms(c, 'load'):.0f} ms, save {histogram_mean_ms(c, 'save'):.0f} ms"
+        for name, row in results.get("docqa", {}).get("store", {}).items()
+        if (c := row.get("counters", {})).get("vllm:pd_kv_store_lookup_seconds_count")
+    ]
+    if timing:
+        lines += ["", "The store system's connector, mean per request that did each (its "
+                  "`vllm:pd_kv_store_{lookup,load,save}_seconds`; a load reads the "
+                  "blocks from the store and writes them into the engine's cache, a save "
+                  "copies them out and puts them, off the engine step): "
+                  + "; ".join(timing) + "."]  # fmt: skip
     return lines
 
 
@@ -201,6 +214,15 @@ def micro_lines(results: dict[str, Any]) -> list[str]:
         )
     elif lookup:
         lines.append(f"- Lookup on a miss: failed: {lookup.get('error', '')[:200]}")
+    cold = results.get("docqa", {}).get("store", {}).get("cold", {}).get("counters", {})
+    if cold.get("vllm:pd_kv_store_lookup_seconds_count"):
+        lines.append(
+            "- The same as the connector timed it in the scheduler during the documents' "
+            f"cold pass (every lookup a miss): mean {histogram_mean_ms(cold, 'lookup'):.3f} "
+            f"ms, p50 <= {histogram_quantile_ms(cold, 'lookup', 0.5):g} ms (a bucket "
+            "bound), over "
+            f"{cold['vllm:pd_kv_store_lookup_seconds_count']:.0f} lookups."
+        )
     step = micro.get("step_time", {})
     if step:
         lines += [

@@ -28,12 +28,38 @@ INSTANCE_COUNTERS = {
 }
 
 
+STORE_HISTOGRAMS = tuple(f"vllm:pd_kv_store_{kind}_seconds" for kind in ("lookup", "load", "save"))
+
+
+def histogram_mean_ms(counters: dict[str, float], name: str) -> float:
+    """The mean of a connector histogram over a phase (from its counters' deltas)."""
+    count = counters.get(f"vllm:pd_kv_store_{name}_seconds_count", 0.0)
+    total = counters.get(f"vllm:pd_kv_store_{name}_seconds_sum", 0.0)
+    return 1000 * total / count if count else float("nan")
+
+
+def histogram_quantile_ms(counters: dict[str, float], name: str, q: float) -> float:
+    """The smallest bucket bound holding a share ``q`` of a phase's observations: an
+    upper bound of the quantile."""
+    prefix = f'vllm:pd_kv_store_{name}_seconds_bucket{{le="'
+    buckets = sorted(
+        (float(key[len(prefix) :].split('"')[0]), value)
+        for key, value in counters.items()
+        if key.startswith(prefix)
+    )
+    total = buckets[-1][1] if buckets else 0.0
+    for bound, count in buckets:
+        if total and count >= q * total:
+            return 1000 * bound
+    return float("nan")
+
+
 def instance_counters(server: VllmServer) -> dict[str, float]:
     samples = server.metrics()
     counters = {key: samples.get(name, 0.0) for key, name in INSTANCE_COUNTERS.items()}
-    # Any store lookup-latency metric another part exports (read if present, not needed).
+    # The connector's lookup, load and save latency histograms (sums, counts, buckets).
     for name, value in samples.items():
-        if "pd_kv_store_lookup" in name and name.endswith(("_sum", "_count")):
+        if name.startswith(STORE_HISTOGRAMS):
             counters[name] = value
     return counters
 
