@@ -146,17 +146,27 @@ def test_concurrent_puts_and_gets_return_only_the_right_bytes(tmp_path: Path) ->
     wrong: list[int] = []
     found = [0]
     start = threading.Barrier(6)
+    savers_left = [2]
+    savers_lock = threading.Lock()
 
     def saver(offset: int) -> None:
         start.wait()
-        for i in range(300):
-            k = ks[(i * 7 + offset) % len(ks)]
-            store.put(k, payload(k))
+        try:
+            for i in range(300):
+                k = ks[(i * 7 + offset) % len(ks)]
+                store.put(k, payload(k))
+        finally:
+            with savers_lock:
+                savers_left[0] -= 1
 
     def loader(seed: int) -> None:
         rng = random.Random(seed)
         start.wait()
-        for _ in range(400):
+        rounds = 0
+        # Load for as long as the savers save (however the threads are scheduled),
+        # so the gets overlap the puts and evictions instead of racing past them.
+        while rounds < 400 or savers_left[0] > 0:
+            rounds += 1
             i = rng.randrange(len(ks))
             data = store.get(ks[i])
             if data is not None:
