@@ -8,7 +8,8 @@ starts it, detached, on a client's first call). It
 - opens the tiers (the disk tier takes its own flock on ``disk_path`` and rebuilds its
   index from the files there, so a restarted store serves what it stored before) and
   logs one line with their sizes and what was recovered;
-- binds a ROUTER on ``ipc://<socket_dir>/store.sock`` and serves requests on a few
+- binds a ROUTER on ``ipc://<socket_dir>/store.sock``; one thread answers lookups,
+  pings, registrations and stats itself and queues gets and puts for a few worker
   threads (``TieredStore`` is thread-safe; disk reads and writes release the GIL);
 - lives while any client process lives: every request carries its sender's pid, and
   the server exits once ``linger_s`` (30 s) passed with no request and none of the
@@ -29,10 +30,13 @@ import fcntl
 import json
 import logging
 import os
+import queue
 import signal
+import sys
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
@@ -53,7 +57,8 @@ DEFAULT_LINGER_S = 30.0
 SERVER_LOCK = "server.lock"
 PID_FILE = "store.pid"
 _WORKERS = 4
-_BACKEND = "inproc://pd-store-workers"
+_MAX_QUEUED = 64  # gets and puts waiting for a worker; more are refused (a miss)
+_REPLIES = "inproc://pd-store-replies"
 _POLL_MS = 200
 
 
@@ -114,6 +119,12 @@ def serve(
 
 
 class _Server:
+    """One dispatcher thread owns the ROUTER: it answers the small requests (lookup,
+    ping, register, stats) itself and queues gets and puts for the workers, whose
+    replies come back to it over an inproc PULL socket. So a lookup never waits
+    behind a put (with a plain ROUTER/DEALER proxy it could be dealt to a worker busy
+    with one: 865 ms worst seen, docs/store.md "Save path")."""
+
     def __init__(
         self,
         store: TieredStore,
@@ -129,13 +140,14 @@ class _Server:
         self._last_request = time.monotonic()
         self._clients: set[int] = {owner_pid} if owner_pid else set()
         self._warnings = WarningLimiter(logger, {})
+        self._jobs: queue.Queue[_Job | None] = queue.Queue(_MAX_QUEUED)
         self._context = zmq.Context()
         self._frontend = self._context.socket(zmq.ROUTER)
         self._frontend.setsockopt(zmq.LINGER, 0)
         self._frontend.bind(config.endpoint)
-        self._backend = self._context.socket(zmq.DEALER)
-        self._backend.setsockopt(zmq.LINGER, 0)
-        self._backend.bind(_BACKEND)
+        self._replies = self._context.socket(zmq.PULL)
+        self._replies.setsockopt(zmq.LINGER, 0)
+        self._replies.bind(_REPLIES)
 
     def run(self) -> None:
         workers = [
@@ -144,10 +156,8 @@ class _Server:
         ]
         for worker in workers:
             worker.start()
-        control = self._context.socket(zmq.PAIR)
-        control.bind("inproc://pd-store-control")
-        proxy = threading.Thread(target=self._proxy, name="store-proxy", daemon=True)
-        proxy.start()
+        dispatcher = threading.Thread(target=self._dispatch, name="store-dispatch", daemon=True)
+        dispatcher.start()
         try:
             while not self.stop.wait(1.0):
                 if self._idle():
@@ -155,24 +165,57 @@ class _Server:
                     break
         finally:
             self.stop.set()
-            control.send(b"TERMINATE")
-            proxy.join(timeout=5)
+            dispatcher.join(timeout=5)
+            for _ in workers:
+                with contextlib.suppress(queue.Full):
+                    self._jobs.put_nowait(None)
             for worker in workers:
                 worker.join(timeout=5)
-            control.close(linger=0)
             self._frontend.close(linger=0)
-            self._backend.close(linger=0)
+            self._replies.close(linger=0)
             self._context.term()
 
-    def _proxy(self) -> None:
-        control = self._context.socket(zmq.PAIR)
-        control.connect("inproc://pd-store-control")
+    def _dispatch(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._frontend, zmq.POLLIN)
+        poller.register(self._replies, zmq.POLLIN)
         try:
-            zmq.proxy_steerable(self._frontend, self._backend, None, control)
+            while not self.stop.is_set():
+                ready = dict(poller.poll(_POLL_MS))
+                if self._replies in ready:  # workers' answers first: they free memory
+                    while True:
+                        try:
+                            reply = self._replies.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self._frontend.send_multipart(reply, copy=False)
+                if self._frontend in ready:
+                    while True:
+                        try:
+                            frames = self._frontend.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self._route(frames)
         except zmq.ZMQError:
-            pass
-        finally:
-            control.close(linger=0)
+            if not self.stop.is_set():
+                raise
+
+    def _route(self, frames: Sequence[zmq.Frame]) -> None:
+        """Answer a small request here; queue a get or put (a full queue is refused)."""
+        job = self._parse(frames)
+        if job is None:
+            return
+        if isinstance(job.request, protocol.Get | protocol.Put):
+            try:
+                self._jobs.put_nowait(job)
+                return
+            except queue.Full:
+                with self._lock:
+                    self._warnings.warn("busy", f"{_MAX_QUEUED} gets/puts queued; refused one")
+                reply = self._error(job, "store busy: too many gets and puts queued")
+        else:
+            reply = self._handle(job)
+        self._frontend.send_multipart(reply, copy=False)
 
     def _idle(self) -> bool:
         with self._lock:
@@ -182,16 +225,13 @@ class _Server:
             return not self._clients
 
     def _work(self) -> None:
-        sock = self._context.socket(zmq.DEALER)
+        sock = self._context.socket(zmq.PUSH)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(_BACKEND)
+        sock.connect(_REPLIES)
         try:
-            while not self.stop.is_set():
-                if not sock.poll(_POLL_MS):
-                    continue
-                frames = sock.recv_multipart(copy=False)
-                reply = self._handle(frames)
-                if reply is not None:
+            while (job := self._jobs.get()) is not None:
+                reply = self._handle(job)
+                if not self.stop.is_set():
                     sock.send_multipart(reply, copy=False)
         except zmq.ZMQError:
             if not self.stop.is_set():
@@ -199,26 +239,36 @@ class _Server:
         finally:
             sock.close(linger=0)
 
-    def _handle(self, frames: Sequence[zmq.Frame]) -> list[bytes | memoryview] | None:
+    def _parse(self, frames: Sequence[zmq.Frame]) -> _Job | None:
         if len(frames) < 2:
             return None  # not from a DEALER client: nothing to answer
         identity, header, payloads = frames[0].bytes, frames[1], frames[2:]
-        request_id = 0
         try:
             request_id, pid, request = protocol.decode_request(header.buffer)
-            with self._lock:
-                self._last_request = time.monotonic()
-                new_client = pid > 0 and pid not in self._clients
-                if new_client:
-                    self._clients.add(pid)
-            if new_client:  # once per process: who shares this store (tests read it)
-                logger.info("client process %d", pid)
-            body, out = self._answer(request, payloads)
         except Exception as e:  # a bad request must not take the store down
-            with self._lock:
-                self._warnings.warn("bad_request", f"{type(e).__name__}: {e}")
-            body, out = protocol.Error(f"{type(e).__name__}: {e}"), []
-        return [identity, protocol.encode_reply(request_id, body), *out]
+            return _Job(identity, 0, e, payloads)
+        with self._lock:
+            self._last_request = time.monotonic()
+            new_client = pid > 0 and pid not in self._clients
+            if new_client:
+                self._clients.add(pid)
+        if new_client:  # once per process: who shares this store (tests read it)
+            logger.info("client process %d", pid)
+        return _Job(identity, request_id, request, payloads)
+
+    def _handle(self, job: _Job) -> list[bytes | memoryview]:
+        try:
+            if isinstance(job.request, Exception):
+                raise job.request
+            body, out = self._answer(job.request, job.payloads)
+        except Exception as e:  # a bad request must not take the store down
+            return self._error(job, f"{type(e).__name__}: {e}")
+        return [job.identity, protocol.encode_reply(job.request_id, body), *out]
+
+    def _error(self, job: _Job, reason: str) -> list[bytes | memoryview]:
+        with self._lock:
+            self._warnings.warn("bad_request", reason)
+        return [job.identity, protocol.encode_reply(job.request_id, protocol.Error(reason))]
 
     def _answer(
         self, request: protocol.Request, payloads: Sequence[zmq.Frame]
@@ -255,6 +305,14 @@ class _Server:
             case protocol.Ping():
                 return protocol.Ok(os.getpid()), []
         raise protocol.ProtocolError(f"unexpected request {type(request).__name__}")
+
+
+@dataclass(frozen=True)
+class _Job:
+    identity: bytes
+    request_id: int
+    request: protocol.Request | Exception  # the decoding error of a bad request
+    payloads: Sequence[zmq.Frame]
 
 
 def _keys(namespace: bytes, hashes: Sequence[bytes]) -> list[BlockKey]:
@@ -301,6 +359,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.detach and os.fork():
         os._exit(0)  # before any thread or ZMQ context exists; the child keeps the fds
     setup_logging()
+    # A lookup waits for the GIL while a worker copies a block: switch more often.
+    sys.setswitchinterval(0.001)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
