@@ -60,3 +60,17 @@ def test_evict_removes_one_entry() -> None:
     assert tier.evict(k) and not tier.evict(k)
     assert tier.usage_bytes() == 0 and tier.get(k) is None
     assert tier.lookup_prefix([k]) == 0
+
+
+def test_put_copies_unless_the_buffer_is_handed_over() -> None:
+    tier = HostTier(capacity_bytes=10_000)
+    copied, kept = keys(2)
+    source = bytearray(payload(copied))
+    assert tier.put(copied, source)
+    source[0] ^= 0xFF  # the caller's buffer changes (a KV cache block reused)
+    assert tier.get(copied) == payload(copied)
+    handed = bytearray(payload(kept))
+    assert tier.put(kept, memoryview(handed), owned=True)
+    got = tier.get(kept)
+    assert isinstance(got, memoryview) and got.readonly and got.obj is handed  # no copy
+    assert got == payload(kept) and tier.stats().bytes_stored == 2000

@@ -293,8 +293,10 @@ class _Server:
                         f"put of {len(hashes)} blocks with {len(payloads)} payloads"
                     )
                 keys = _keys(namespace, hashes)
+                # The frames are this process's: the host tier keeps them without a copy.
                 stored = sum(
-                    store.put(key, frame.buffer) for key, frame in zip(keys, payloads, strict=True)
+                    store.put(key, frame.buffer, owned=True)
+                    for key, frame in zip(keys, payloads, strict=True)
                 )
                 return protocol.PutReply(stored), []
             case protocol.Register(namespace):

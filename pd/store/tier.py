@@ -43,8 +43,9 @@ class Tier(ABC):
         return len(keys)
 
     @abstractmethod
-    def get(self, key: BlockKey) -> bytes | None:
-        """The block's bytes and make it most recently used, or ``None`` on a miss."""
+    def get(self, key: BlockKey) -> bytes | memoryview | None:
+        """The block's bytes (a read-only buffer) and make it most recently used, or
+        ``None`` on a miss."""
 
     @abstractmethod
     def put(self, key: BlockKey, data: Payload) -> bool:

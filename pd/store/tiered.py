@@ -116,7 +116,7 @@ class TieredStore:
             self.disk is not None and self.disk.contains(key)
         )
 
-    def get(self, key: BlockKey) -> bytes | None:
+    def get(self, key: BlockKey) -> bytes | memoryview | None:
         if self.host is not None:
             started = time.perf_counter()
             data = self.host.get(key)
@@ -128,17 +128,19 @@ class TieredStore:
         started = time.perf_counter()
         data = self.disk.get(key)
         self._observe("disk_get", started)
-        if data is not None and self.host is not None and self.host.put(key, data):
+        if data is not None and self.host is not None and self.host.put(key, data, owned=True):
             with self._lock:
                 self._promotions += 1
         return data
 
-    def put(self, key: BlockKey, data: Payload) -> bool:
-        """Store in every tier; True when at least one tier holds the block."""
+    def put(self, key: BlockKey, data: Payload, owned: bool = False) -> bool:
+        """Store in every tier; True when at least one tier holds the block.
+
+        ``owned``: ``data`` is handed over, never changed after (``HostTier.put``)."""
         stored = False
         if self.host is not None:
             started = time.perf_counter()
-            stored = self.host.put(key, data)
+            stored = self.host.put(key, data, owned)
             self._observe("host_put", started)
         if self.disk is not None:
             started = time.perf_counter()
