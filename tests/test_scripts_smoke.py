@@ -119,6 +119,23 @@ def check_bench_reuse(run: subprocess.CompletedProcess[str], out: Path) -> None:
     assert (out / "reuse.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def check_bench_routing(run: subprocess.CompletedProcess[str], out: Path) -> None:
+    data = json.loads((out / "routing.json").read_text())
+    (system, row), *others = data["rows"]["shared-prefix"].items()
+    assert system == "kv_aware" and not others, data["rows"]
+    assert row["completed"] == row["num_prompts"] > 0 and row["p90_ttft_ms"] > 0, row
+    counters = row["counters"]
+    # Every request was routed by kv_aware and counted; its tenants' contexts repeat, so
+    # the prefill instances' own prefix caches served some of the prompts.
+    assert sum(counters["decisions"].values()) == counters["routing_count"] == row["completed"]
+    assert sum(c["hits"] for n, c in counters["instances"].items() if "prefill" in n) > 0
+    assert 0 < data["ideal"]["shared-prefix"]["share"] < 1, data["ideal"]
+    report = (out / "routing.md").read_text()
+    assert "Command: `.venv/bin/python scripts/bench_routing.py --smoke" in report
+    assert "| kv_aware |" in report
+    assert (out / "routing.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 SMOKES = [
     ScriptSmoke(
         "bench_transfer.py", ("--smoke", "--out", "{out}/transfer.md"), check_bench_transfer
@@ -150,6 +167,13 @@ SMOKES = [
         check_bench_reuse,
         engines=True,
         timeout_s=900,
+    ),
+    ScriptSmoke(
+        "bench_routing.py",
+        ("--smoke", "--out-dir", "{out}"),
+        check_bench_routing,
+        engines=True,
+        timeout_s=600,
     ),
 ]
 

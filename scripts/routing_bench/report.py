@@ -1,0 +1,214 @@
+"""routing.json, routing.md and the targets' ratios, all from the results alone."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from .systems import DECISIONS, SYSTEMS
+
+CHART = "routing.png"
+ANALYSIS = "## What the numbers show"  # the hand-written part below the tables
+NAN = float("nan")
+# Not measured in this run: ../shared/DYNAMO_ON_CPU.md's figures (2026-12-01, this kind
+# of machine, the conversation trace at 32-token blocks, two aggregated vLLM workers).
+DYNAMO: dict[str, Any] = {
+    "source": "../shared/DYNAMO_ON_CPU.md, measured 2026-12-01 (not in this run)",
+    "ideal": 0.395,  # the whole trace's, at 32-token blocks
+    "kv": {"hit_rate": (0.363, 0.371), "p50_ttft_ms": (42.4, 45.5),
+           "p90_ttft_ms": (96.8, 113.5), "p99_ttft_ms": (216.7, 302.1), "routing_ms": 0.23},
+    "round-robin": {"hit_rate": (0.283, 0.290), "p50_ttft_ms": (49.9, 51.4),
+                    "p90_ttft_ms": (116.1, 116.6), "p99_ttft_ms": (297.9, 301.5)},
+}  # fmt: skip
+# (key, what, bound, the direction that meets it)
+TARGETS = (
+    ("conversation_hit_vs_ideal", "kv_aware's hit rate / the ideal, conversation", 0.97, ">="),
+    ("conversation_hit", "kv_aware's hit rate, conversation (Dynamo: 37%)", 0.37, ">="),
+    ("shared_prefix_p90_vs_least_loaded",
+     "kv_aware's TTFT p90 / least_loaded's, shared-prefix", 0.5, "<="),
+    ("routing_ms", "kv_aware's routing time per request, ms (Dynamo: 0.23)", 0.23, "<="),
+)  # fmt: skip
+
+
+def hit_rate(row: dict[str, Any]) -> dict[str, float]:
+    """Prompt tokens no instance had to compute, over the prompt tokens sent.
+
+    A prefill instance computes what its prefix cache lacks (queries - hits). Decode
+    computes what it neither held (hits) nor loaded from a prefill instance (external
+    hits); what it loaded was computed by prefill and is never counted as reused."""
+    instances = row["counters"]["instances"]
+    prefill = [c for n, c in instances.items() if "prefill" in n]
+    decode = [c for n, c in instances.items() if "decode" in n]
+    prompt_tokens = float(row.get("total_input_tokens", 0))
+    computed_prefill = sum(c["queries"] - c["hits"] for c in prefill)
+    computed_decode = sum(c["queries"] - c["hits"] - c["external_hits"] for c in decode)
+    computed = computed_prefill + computed_decode
+    return {
+        "prompt_tokens": prompt_tokens,
+        "computed_on_prefill": computed_prefill,
+        "computed_on_decode": computed_decode,
+        "share": 1 - computed / prompt_tokens if prompt_tokens else NAN,
+        # vLLM's own ratio on the prefill instances alone, for reference
+        "prefill_hits_over_queries": sum(c["hits"] for c in prefill)
+        / max(1.0, sum(c["queries"] for c in prefill)),
+    }
+
+
+def routing_ms(row: dict[str, Any]) -> float:
+    c = row["counters"]
+    return 1000 * c["routing_s_sum"] / c["routing_count"] if c["routing_count"] else NAN
+
+
+def _get(data: Any, *path: str) -> float:
+    for key in path:
+        if not isinstance(data, dict) or key not in data:
+            return NAN
+        data = data[key]
+    return float(data) if isinstance(data, int | float) else NAN
+
+
+def ratios(results: dict[str, Any]) -> dict[str, float]:
+    rows = results.get("rows", {})
+    conv = rows.get("conversation", {}).get("kv_aware", {})
+    shared = rows.get("shared-prefix", {})
+    ideal = _get(results, "ideal", "conversation", "share")
+    hit = hit_rate(conv)["share"] if "counters" in conv else NAN
+    routing = routing_ms(conv) if "counters" in conv else NAN
+    return {
+        "conversation_hit_vs_ideal": hit / ideal,
+        "conversation_hit": hit,
+        "shared_prefix_p90_vs_least_loaded": _get(shared, "kv_aware", "p90_ttft_ms")
+        / _get(shared, "least_loaded", "p90_ttft_ms"),
+        "routing_ms": routing,
+    }
+
+
+def _met(value: float, bound: float, direction: str) -> str:
+    if math.isnan(value):
+        return "not measured"
+    return "met" if (value >= bound if direction == ">=" else value <= bound) else "missed"
+
+
+def table(results: dict[str, Any], workload: str) -> list[str]:
+    ideal = _get(results, "ideal", workload, "share")
+    lines = [
+        "| system | hit rate | / ideal | vLLM hits/queries on prefill | TTFT p50 / p90 / p99 ms "
+        "| req/s | output tok/s | decisions prefill / decode_only / no_prefill "
+        "| routing ms/request | done |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    rows = results.get("rows", {}).get(workload, {})
+    for system in [s for s in SYSTEMS if s in rows]:
+        row = rows[system]
+        if "error" in row:
+            lines.append(f"| {system} | failed: {row['error'][:120]!r} |" + " |" * 8)
+            continue
+        hit = hit_rate(row)
+        d = row["counters"]["decisions"]
+        lines.append(
+            f"| {system} | {100 * hit['share']:.1f}% | {hit['share'] / ideal:.2f}x "
+            f"| {100 * hit['prefill_hits_over_queries']:.1f}% "
+            f"| {row['p50_ttft_ms']:.0f} / {row['p90_ttft_ms']:.0f} / {row['p99_ttft_ms']:.0f} "
+            f"| {row['request_throughput']:.2f} | {row['output_throughput']:.0f} "
+            f"| {' / '.join(f'{d.get(k, 0):.0f}' for k in DECISIONS)} "
+            f"| {routing_ms(row):.3f} | {row['completed']}/{row['num_prompts']} |"
+        )
+    if workload == "conversation":
+        for mode, row in (("kv", DYNAMO["kv"]), ("round-robin", DYNAMO["round-robin"])):
+            lo, hi = row["hit_rate"]
+            ttft = " / ".join(f"{row[f'p{q}_ttft_ms'][0]:.0f}-{row[f'p{q}_ttft_ms'][1]:.0f}"
+                              for q in (50, 90, 99))  # fmt: skip
+            routing = f"{row['routing_ms']:.2f}" if "routing_ms" in row else "-"
+            lines.append(
+                f"| Dynamo 1.6.1 `--router-mode {mode}`, 2 aggregated workers (2026-12-01, "
+                f"not this run) | {100 * lo:.1f}-{100 * hi:.1f}% "
+                f"| {lo / DYNAMO['ideal']:.2f}-{hi / DYNAMO['ideal']:.2f}x | (aggregated) "
+                f"| {ttft} | - | - | - "
+                f"| {routing} | 342/342 |"
+            )
+    return lines
+
+
+def markdown(results: dict[str, Any], analysis: str = "") -> str:
+    s = results["settings"]
+    ideal = results["ideal"]
+    r = ratios(results)
+    lines = [
+        "# KV-aware routing: 2 prefill + 1 decode instances, by routing policy",
+        "",
+        *[f"Command: `{c}`" for c in results["commands"]],
+        "",
+        f"pd-serve on configs/local.yaml, the tiny model, {results['block_size']}-token "
+        f"blocks, its other settings as shipped (`cpus: auto`: the instances share the "
+        f"machine's {results['machine']['cpus']} cores). Each system is started afresh "
+        "for each workload "
+        "(empty caches) and driven by `vllm bench serve --dataset-name timed_trace` "
+        "(PYTHONHASHSEED=0: the same prompts at the same times for every system). "
+        "Load average (1 min) before/after each run is in routing.json.",
+        "",
+        "- **hit rate**: prompt tokens no instance computed, over the prompt tokens sent, "
+        "from each instance's vLLM counters: a prefill instance computes "
+        "`prefix_cache_queries - prefix_cache_hits`; decode computes what it neither held "
+        "(`prefix_cache_hits`) nor loaded from prefill (`external_prefix_cache_hits`). KV "
+        "loaded onto decode from prefill is therefore never counted as a hit; decode's "
+        "own hits count only where it held the blocks itself.",
+        "- **ideal**: one unbounded cache shared by all instances, on the same trace, "
+        f"counted the same way at {results['block_size']}-token blocks.",
+        "- **routing ms**: `pd_routing_seconds` sum / count on the proxy (tokenizing and "
+        "hashing the prompt included).",
+        "",
+        f"## Conversation trace ({s['trace_prompts']} requests of "
+        "../shared/traces/conversation-k40-b16.jsonl, arrivals over "
+        f"{300 * s['trace_sec_multiplier'] / 0.001:.0f} s; 1 GiB of KV cache per instance)",
+        "",
+        f"Ideal: {100 * ideal['conversation']['share']:.1f}% of "
+        f"{ideal['conversation']['prompt_tokens']:.0f} prompt tokens.",
+        "",
+        *table(results, "conversation"),
+        "",
+        f"## Shared-prefix workload ({s['tenants']} tenants, each a {s['context_tokens']}-"
+        f"token context; {s['questions']} questions of {s['question_tokens']} tokens to a "
+        f"random tenant, Poisson at {s['question_rate']:g}/s, {s['answer_tokens']} tokens "
+        f"each; {s['shared_prefix_engine_blocks']} blocks of KV cache per instance, "
+        f"{s['shared_prefix_engine_blocks'] * results['block_size'] // s['context_tokens']} "
+        "contexts' worth: fewer than all, more than half)",
+        "",
+        f"Ideal: {100 * ideal['shared-prefix']['share']:.1f}% of "
+        f"{ideal['shared-prefix']['prompt_tokens']:.0f} prompt tokens.",
+        "",
+        *table(results, "shared-prefix"),
+        "",
+        "## Targets",
+        "",
+        "| target | bound | measured | |",
+        "| --- | --- | --- | --- |",
+        *[
+            f"| {what} | {direction} {bound:g} | {r[key]:.3f} | {_met(r[key], bound, direction)} |"
+            for key, what, bound, direction in TARGETS
+        ],
+        "",
+        f"![routing]({CHART})",
+        "",
+    ]
+    return "\n".join(lines) + (analysis or "")
+
+
+def write_report(results: dict[str, Any], out_dir: Path) -> None:
+    from .chart import chart
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results["ratios"] = ratios(results)
+    (out_dir / "routing.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    write_markdown(results, out_dir)
+    chart(results, out_dir / CHART)
+
+
+def write_markdown(results: dict[str, Any], out_dir: Path) -> None:
+    """routing.md from the results, keeping its hand-written analysis if it has one."""
+    md = out_dir / "routing.md"
+    analysis = ""
+    if md.exists() and ANALYSIS in md.read_text():
+        analysis = md.read_text()[md.read_text().index(ANALYSIS) :]
+    md.write_text(markdown(results, analysis))

@@ -1,0 +1,86 @@
+"""Each system on each workload: pd-serve started for the pair (fresh caches), the
+trace replayed, the counters read around it, pd-serve torn down; then the report."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from pd.models import make_model
+from pd.serve_process import PdServeProcess
+
+from . import systems, workloads
+from .replay import replay
+from .report import write_report
+from .settings import BLOCK_SIZE, Settings
+
+SHARED_PREFIX_SEC_MULTIPLIER = 0.001  # its timestamps are the Poisson arrivals, in ms
+
+
+def measure(
+    system: str, workload: str, settings: Settings, workdir: Path
+) -> dict[str, Any]:  # fmt: skip
+    requests = workloads.requests_of(workload, settings)
+    trace = workloads.write_trace(requests, workdir / f"{workload}.jsonl")
+    blocks = settings.shared_prefix_engine_blocks if workload == "shared-prefix" else None
+    multiplier = (settings.trace_sec_multiplier if workload == "conversation"
+                  else SHARED_PREFIX_SEC_MULTIPLIER)  # fmt: skip
+    logs = workdir / f"{system}-{workload}"
+    logs.mkdir()
+    serve = PdServeProcess(systems.config(system, settings.served_name, blocks), workdir=logs)
+    try:
+        serve.start().wait_ready()
+        before = systems.counters(serve)
+        load_before, start = os.getloadavg()[0], time.monotonic()
+        result = replay(serve.url, settings.served_name, trace, len(requests), multiplier,
+                        max(float(r["timestamp"]) for r in requests),
+                        workdir / f"{system}-{workload}.json")  # fmt: skip
+        # The last events reach the counters within a scrape; nothing else runs now.
+        result["counters"] = systems.delta(before, systems.counters(serve))
+        result["wall_s"] = time.monotonic() - start
+        result["loadavg_1m"] = {"before": load_before, "after": os.getloadavg()[0]}
+        result["engine_blocks"] = blocks
+        return result
+    finally:
+        serve.stop()
+
+
+def run(
+    settings: Settings, system_names: list[str], workload_names: list[str], out_dir: Path,
+    command: str, merge: bool = False,
+) -> tuple[dict[str, Any], list[str]]:  # fmt: skip
+    make_model("tiny")
+    results: dict[str, Any] = {"commands": [], "rows": {}}
+    if merge and (out_dir / "routing.json").exists():
+        results = json.loads((out_dir / "routing.json").read_text())
+    results["commands"].append(command)
+    results["settings"] = settings.as_dict()
+    results["block_size"] = BLOCK_SIZE
+    results["ideal"] = {w: workloads.ideal_reuse(workloads.requests_of(w, settings), BLOCK_SIZE)
+                        for w in workloads.WORKLOADS}  # fmt: skip
+    results["machine"] = {"cpus": os.cpu_count()}
+    failed = []
+    workdir = Path(tempfile.mkdtemp(prefix="bench-routing-"))
+    print(f"logs in {workdir}", flush=True)
+    for workload in workload_names:
+        for system in system_names:
+            print(f"== {system} on {workload}", flush=True)
+            try:
+                row = measure(system, workload, settings, workdir)
+            except Exception as e:
+                traceback.print_exc()
+                row = {"error": repr(e)[:500]}
+            if "error" in row:
+                failed.append(f"{system} on {workload}")
+                print(f"   failed: {row['error'][:300]}", flush=True)
+            else:
+                print(f"   TTFT p50 {row['p50_ttft_ms']:.0f} ms, p90 {row['p90_ttft_ms']:.0f} "
+                      f"ms, {row['completed']}/{row['num_prompts']} done", flush=True)  # fmt: skip
+            results["rows"].setdefault(workload, {})[system] = row
+            write_report(results, out_dir)  # after every row: a cut run keeps what it has
+    return results, failed
