@@ -10,7 +10,7 @@ Every sample here carries a ``store`` label (host name and socket directory): th
 instances of a node share one store, so a reader summing over instances (pd's proxy)
 counts each ``store`` once. The scrape never waits on the store longer than
 ``refresh_wait_s``: a thread reads it, and a scrape it cannot serve in time gets the
-previous reading.
+previous reading (the first scrape, having none, waits up to one read's timeout).
 """
 
 from __future__ import annotations
@@ -58,8 +58,8 @@ STORE_COUNTERS = {
     "promotions": "disk hits copied up into the host tier",
 }
 LATENCY = {"get": "one block's read from the tier", "put": "one block's write into the tier"}
-READ_TIMEOUT_MS = 500
 REFRESH_WAIT_S = 0.1
+FIRST_READ_WAIT_CAP_S = 2.0  # a scrape never waits longer than this, even the first
 
 
 class StoreStatsCollector(Collector):
@@ -73,9 +73,12 @@ class StoreStatsCollector(Collector):
         self,
         config: StoreConfig,
         refresh_wait_s: float = REFRESH_WAIT_S,
-        read_timeout_ms: int = READ_TIMEOUT_MS,
+        read_timeout_ms: int | None = None,
     ) -> None:
         self._config = config
+        # The store's own deadline (timeout_ms): a store busy with saves answers late
+        # but is up, and a shorter deadline here would call it down.
+        read_timeout_ms = config.timeout_ms if read_timeout_ms is None else read_timeout_ms
         self.store_label = f"{socket.gethostname()}:{config.socket_dir}"
         self._refresh_wait_s = refresh_wait_s
         self._read_timeout_ms = read_timeout_ms
@@ -98,7 +101,11 @@ class StoreStatsCollector(Collector):
             self._asked += 1
             asked = self._asked
             self._cond.notify_all()
-            self._cond.wait_for(lambda: self._read >= asked, timeout=self._refresh_wait_s)
+            # The first scrape waits for a whole read: with no earlier reading to fall
+            # back on, a short wait would report a live store as down.
+            first_wait_s = min(self._read_timeout_ms / 1000 + 0.1, FIRST_READ_WAIT_CAP_S)
+            wait_s = self._refresh_wait_s if self._read else first_wait_s
+            self._cond.wait_for(lambda: self._read >= asked, timeout=wait_s)
             stats = self._stats
         yield from store_families(stats, self.store_label)
 
