@@ -223,7 +223,7 @@ def test_transport_is_usable_after_a_failed_read(zmq_pair):
     strict=True,
     reason="known bug: a NIXL read released at its deadline still lands once its stalled "
     "peer resumes (UCX over TCP), into blocks vLLM has been given back; see "
-    "docs/multi-node.md (the link cut, "Not yet right")",
+    "docs/multi-node.md (the link cut, 'Not yet right')",
 )
 def test_nixl_read_given_up_at_its_deadline_never_lands_later(monkeypatch):
     monkeypatch.setenv("UCX_TLS", "tcp")  # as across hosts: the peer's side serves the read
