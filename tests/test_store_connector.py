@@ -23,6 +23,7 @@ from vllm.v1.request import RequestStatus
 
 from pd.cluster.config import ConfigError, load_config
 from pd.cluster.plan import make_plan
+from pd.connector import store_side
 from pd.connector.store_side import (
     StoreResults,
     StoreScheduler,
@@ -90,7 +91,10 @@ def results_until(worker: StoreWorker, done) -> StoreResults:  # type: ignore[no
     return merged
 
 
-def test_saved_blocks_load_into_other_blocks_of_another_cache(config: StoreConfig) -> None:
+def test_saved_blocks_load_into_other_blocks_of_another_cache(
+    config: StoreConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_side, "SAVE_CHUNK_BLOCKS", 3)  # the save goes as 2 puts
     hashes = block_hashes(4, seed="doc")
     source, source_caches = make_layout(seed=1)
     target, target_caches = make_layout(seed=None)

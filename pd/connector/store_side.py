@@ -18,8 +18,9 @@ Worker side (``StoreWorker``, each worker process)
     not be safe: vLLM starts loads after launching the step's forward, which may
     already be writing freed blocks reused by a new request. So a saver thread copies
     the held blocks to host buffers, reports the request done (its blocks are freed at
-    the next step), then hands the buffers to the store (``put_many``). Its queue is
-    bounded: a full queue skips the save and counts it; the engine never waits.
+    the next step), then hands the buffers to the store (``put_many``, a few blocks
+    per call). Its queue is bounded: a full queue skips the save and counts it; the
+    engine never waits.
 
 Only requests that do not load from a prefill peer (no ``do_remote_prefill``) use the
 store's loads; a P/D prefill instance loads stored prefixes like any other instance.
@@ -58,6 +59,9 @@ logger = logging.getLogger(__name__)
 KNOWN_STORED_MAX = 65536
 # Finished requests waiting for the saver thread; more are skipped and counted.
 SAVE_QUEUE_MAX = 32
+# Blocks per put: a 2k-token prompt of the small model (16 MiB) goes as 4 puts, so
+# the store answers another instance's get between them and frees each chunk sooner.
+SAVE_CHUNK_BLOCKS = 4
 
 
 def store_namespace(
@@ -445,7 +449,10 @@ class StoreWorker:
                 self._done(save, False, set())  # the blocks may be freed now
             if not items:
                 continue
-            stored = self._client.put_many(self._namespace, items)
+            stored = sum(
+                self._client.put_many(self._namespace, items[i : i + SAVE_CHUNK_BLOCKS])
+                for i in range(0, len(items), SAVE_CHUNK_BLOCKS)
+            )
             self._counters.observe(store_save_seconds=time.perf_counter() - started)
             self._counters.add(
                 store_blocks_stored=stored,
