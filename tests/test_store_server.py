@@ -458,3 +458,54 @@ def test_config_defaults_share_a_socket_dir_by_disk_path(tmp_path: Path) -> None
     assert StoreConfig().socket_dir != StoreConfig(host_gib=2).socket_dir
     assert a.disk_path == str(tmp_path / "d") and os.path.isabs(str(a.socket_dir))
     assert StoreConfig.from_dict(a.to_dict()) == a
+
+
+def test_a_lookup_is_answered_while_every_worker_is_busy_with_a_put(store: StoreConfig) -> None:
+    from pd.store import server as server_module
+    from pd.store.host import HostTier
+    from pd.store.tiered import TieredStore
+
+    release = threading.Event()
+
+    class StuckPuts(TieredStore):  # a put that waits, as one behind a slow disk would
+        def put(self, key, data, owned=False):  # type: ignore[no-untyped-def]
+            assert release.wait(WAIT_S)
+            return super().put(key, data, owned)
+
+    stop = threading.Event()
+    Path(str(store.socket_dir)).mkdir(parents=True, exist_ok=True)
+    srv = server_module._Server(
+        StuckPuts(HostTier(store.host_bytes), None), store, 60.0, None, stop
+    )
+    runner = threading.Thread(target=srv.run, daemon=True)
+    runner.start()
+    putters = [StoreClient(store) for _ in range(server_module._WORKERS + 1)]
+    results: list[int] = []
+    threads = [
+        threading.Thread(
+            target=lambda c=c, i=i: results.append(
+                c.put_many(
+                    NAMESPACE, [(block_hashes(1, f"stuck{i}")[0], payload(NAMESPACE.key(b"x")))]
+                )
+            )
+        )
+        for i, c in enumerate(putters)
+    ]
+    looker = StoreClient(store)
+    try:
+        for t in threads:
+            t.start()
+        wait_until(lambda: srv._jobs.qsize() >= 1, "every worker to hold a put and one to queue")
+        assert looker.lookup(NAMESPACE, block_hashes(2, "stuck0")).num_blocks == 0  # answered
+        assert looker.failed_calls == 0 and not results  # while no put has finished
+        release.set()
+        for t in threads:
+            t.join(WAIT_S)
+        assert sorted(results) == [1] * len(putters)
+        assert looker.lookup(NAMESPACE, block_hashes(1, "stuck0")).num_blocks == 1
+    finally:
+        release.set()
+        for c in [*putters, looker]:
+            c.close()
+        stop.set()
+        runner.join(WAIT_S)

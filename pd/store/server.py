@@ -229,7 +229,13 @@ class _Server:
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(_REPLIES)
         try:
-            while (job := self._jobs.get()) is not None:
+            while not self.stop.is_set():
+                try:  # bounded: at exit the queue may be too full for the None
+                    job = self._jobs.get(timeout=_POLL_MS / 1000)
+                except queue.Empty:
+                    continue
+                if job is None:
+                    break
                 reply = self._handle(job)
                 if not self.stop.is_set():
                     sock.send_multipart(reply, copy=False)
