@@ -192,7 +192,7 @@ def markdown(results: dict[str, Any], analysis: str = "") -> str:
         f"![routing]({CHART})",
         "",
     ]
-    return "\n".join(lines) + (analysis or "")
+    return "\n".join(lines) + ("\n" + analysis if analysis else "")
 
 
 def write_report(results: dict[str, Any], out_dir: Path) -> None:
