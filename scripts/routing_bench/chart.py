@@ -37,7 +37,7 @@ def chart(results: dict[str, Any], path: Path) -> None:
             hits.text(x, v, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
         ideal = 100 * results["ideal"][workload]["share"]
         hits.axhline(ideal, color="0.3", linestyle="--", linewidth=0.8)
-        hits.text(len(names) - 0.5, ideal, f"ideal {ideal:.1f}%", ha="right", va="bottom",
+        hits.text(-0.5, ideal, f"ideal {ideal:.1f}%", ha="left", va="bottom",
                   fontsize=8)  # fmt: skip
         hits.set_title(f"{workload}: prompt tokens reused, % (higher is better)", fontsize=9)
         width = 0.8 / max(1, len(names))
