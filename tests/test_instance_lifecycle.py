@@ -48,13 +48,28 @@ ORPHANING = (
 # --- what is left of a set of processes -----------------------------------------------
 
 
+Address = tuple[str, int]  # a listening socket's (ip, port)
+
+
+def listening_sockets() -> set[tuple[int, Address]]:
+    """Every listening inet socket on the machine, as (holder pid, address)."""
+    return {
+        (conn.pid, (conn.laddr.ip, conn.laddr.port))
+        for conn in psutil.net_connections(kind="inet")
+        if conn.status == psutil.CONN_LISTEN and conn.pid is not None
+    }
+
+
 @dataclass(frozen=True)
 class Snapshot:
-    """Processes (pid with start time, so a reused pid is not mistaken) and their ports."""
+    """Processes (pid with start time, so a reused pid is not mistaken), the addresses
+    they listen on, and who else on the machine listened on those addresses then."""
 
     processes: frozenset[tuple[int, float]]
-    listening: frozenset[int]
-    taken_at: float
+    listening: frozenset[Address]
+    # Holders outside the tree of the tree's addresses: a socket it shares with a process
+    # that is not its descendant (an inherited fd), the leak the port check is for.
+    shared_with: frozenset[tuple[int, Address]]
 
     @staticmethod
     def of(roots: list[psutil.Process]) -> Snapshot:
@@ -64,18 +79,17 @@ class Snapshot:
                 procs |= {root, *root.children(recursive=True)}
             except psutil.NoSuchProcess:
                 continue
-        keys, ports = set(), set()
+        keys = set()
         for proc in procs:
             try:
                 keys.add((proc.pid, proc.create_time()))
-                ports |= {
-                    c.laddr.port
-                    for c in proc.net_connections(kind="inet")
-                    if c.status == psutil.CONN_LISTEN
-                }
             except psutil.NoSuchProcess:
                 continue
-        return Snapshot(frozenset(keys), frozenset(ports), time.time())
+        pids = {pid for pid, _ in keys}
+        sockets = listening_sockets()
+        addresses = {address for pid, address in sockets if pid in pids}
+        shared = {(pid, a) for pid, a in sockets if a in addresses and pid not in pids}
+        return Snapshot(frozenset(keys), frozenset(addresses), frozenset(shared))
 
     def alive(self) -> list[str]:
         left = []
@@ -89,20 +103,11 @@ class Snapshot:
         return left
 
     def ports_still_listened(self) -> list[str]:
-        """Old ports a process listens on that did not start after the snapshot."""
-        held = []
-        for conn in psutil.net_connections(kind="inet"):
-            if conn.status != psutil.CONN_LISTEN or conn.laddr.port not in self.listening:
-                continue
-            try:
-                if conn.pid is not None and psutil.Process(conn.pid).create_time() > (
-                    self.taken_at
-                ):
-                    continue  # a new incarnation that happened to draw the same port
-            except psutil.NoSuchProcess:
-                continue
-            held.append(f"port {conn.laddr.port} (pid {conn.pid})")
-        return held
+        """The tree's sockets that a process outside it shared at the snapshot and still
+        holds (the tree's own processes are ``alive``). A socket opened since on a freed
+        port (a restarted instance in a reused Ray worker draws ports too) is not one."""
+        now = listening_sockets()
+        return [f"{ip}:{port} (pid {pid})" for pid, (ip, port) in self.shared_with & now]
 
     def wait_gone(self, what: str, timeout_s: float = GONE_WITHIN_S) -> None:
         deadline = time.monotonic() + timeout_s
