@@ -16,9 +16,10 @@ import zmq
 
 from pd.transfer.layout import KVCacheLayout
 from pd.transfer.lease import LeaseTable
-from pd.transfer.transport import TransferError, get_transport_class
+from pd.transfer.transport import TransferError, TransferInFlight, get_transport_class
 from pd.vllm_server import free_port
 from tests.harness.kv_layouts import BLOCK_SIZE, NUM_BLOCKS, make_layout
+from tests.harness.nixl_peer import peer_process, serve_blocks
 
 
 @pytest.fixture(params=["zmq", "nixl"])
@@ -149,20 +150,11 @@ def test_unreachable_zmq_peer_fails_within_the_deadline():
         client.close()
 
 
-def _serve_blocks(transport_name: str, conn) -> None:
-    """Child process: serve a seeded cache until killed."""
-    layout, _ = make_layout(seed=0)
-    server = get_transport_class(transport_name)(layout, "127.0.0.1")
-    server.start(lambda *_: True)
-    conn.send(server.metadata())
-    time.sleep(600)
-
-
 @pytest.mark.parametrize("name", ["zmq", "nixl"])
 def test_killed_peer_gives_an_error_within_the_deadline(name):
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe()
-    peer_process = ctx.Process(target=_serve_blocks, args=(name, child), daemon=True)
+    peer_process = ctx.Process(target=serve_blocks, args=(name, child), daemon=True)
     peer_process.start()
     layout, caches = make_layout(seed=None)
     client = get_transport_class(name)(layout, "127.0.0.1")
@@ -219,34 +211,34 @@ def test_transport_is_usable_after_a_failed_read(zmq_pair):
     assert blocks_equal(src, dst, [9], [10])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: a NIXL read released at its deadline still lands once its stalled "
-    "peer resumes (UCX over TCP), into blocks vLLM has been given back; see "
-    "docs/multi-node.md (the link cut, 'Not yet right')",
-)
-def test_nixl_read_given_up_at_its_deadline_never_lands_later(monkeypatch):
+def test_nixl_read_given_up_at_its_deadline_is_held_until_it_ends(monkeypatch):
+    """A READ to a stalled peer cannot be recalled (UCX completes it when the peer resumes,
+    into whatever the blocks hold by then): the transport hands it back unfinished, and
+    once its ``settle`` says it ended nothing of it lands any more."""
     monkeypatch.setenv("UCX_TLS", "tcp")  # as across hosts: the peer's side serves the read
-    ctx = multiprocessing.get_context("spawn")
-    parent, child = ctx.Pipe()
-    peer_process = ctx.Process(target=_serve_blocks, args=("nixl", child), daemon=True)
-    peer_process.start()
     layout, caches = make_layout(seed=None)
-    client = get_transport_class("nixl")(layout, "127.0.0.1")
-    client.start(lambda *_: False)
-    try:
-        assert parent.poll(60), "peer did not start"
-        peer = parent.recv()
-        client.read_blocks(peer, "before", [1], [1], time.monotonic() + 30)
-        os.kill(peer_process.pid, signal.SIGSTOP)  # a stalled peer (or a cut link)
-        blocks = list(range(5, 13))
-        with pytest.raises(TransferError, match="deadline"):
-            client.read_blocks(peer, "stalled", blocks, blocks, time.monotonic() + 1.0)
-        for cache in caches.values():  # vLLM recomputes into them, or reuses them
-            cache[:, 5:13].zero_()
-        os.kill(peer_process.pid, signal.SIGCONT)
-        time.sleep(3)
-        assert all(cache[:, 5:13].abs().sum().item() == 0 for cache in caches.values())
-    finally:
-        client.close()
-        peer_process.kill()
+    with peer_process("nixl") as peer:
+        client = get_transport_class("nixl")(layout, "127.0.0.1")
+        client.start(lambda *_: False)
+        try:
+            client.read_blocks(peer.metadata, "before", [1], [1], time.monotonic() + 30)
+            peer.stop()  # a stalled peer (or a cut link)
+            blocks = list(range(5, 13))
+            started = time.monotonic()
+            with pytest.raises(TransferInFlight, match="deadline") as given_up:
+                client.read_blocks(peer.metadata, "stalled", blocks, blocks, started + 1.0)
+            assert time.monotonic() - started < 3
+            # Not ended while the peer is stopped: whoever holds the blocks keeps them.
+            assert not given_up.value.settle(time.monotonic() + 2)
+            peer.resume()
+            assert given_up.value.settle(time.monotonic() + 30)
+            # Ended: the blocks may be reused now, and nothing lands in them later.
+            for cache in caches.values():
+                cache[:, 5:13].zero_()
+            time.sleep(2)
+            assert all(cache[:, 5:13].abs().sum().item() == 0 for cache in caches.values())
+            # The resumed peer serves again on the same connection.
+            client.read_blocks(peer.metadata, "after", [2], [2], time.monotonic() + 30)
+            assert torch.equal(caches["layer.0"][:, 2], _seeded_block(0, 2))
+        finally:
+            client.close()

@@ -6,7 +6,15 @@ says which blocks hold the prompt; handshake with the prefill worker (once per p
 cached); read the blocks through the transport within the request's deadline, at
 most ``max_concurrent_transfers`` at once; then release the prefill instance's lease
 whatever happened. The engine thread collects results each step; a failed load is
-reported so vLLM recomputes the prompt. Nothing waits without a deadline.
+reported so vLLM recomputes the prompt. Nothing waits without a deadline, except a
+read that passed its deadline and may still land (``TransferInFlight``, a NIXL READ
+to a stalled peer or over a cut link): its request is reported only once the read
+has ended. Reporting it is what hands the blocks back to vLLM: a failed load is
+recomputed (into these or other blocks), an aborted request's blocks are freed. vLLM
+(0.32, ``Scheduler.finish_requests``) frees an aborted request that still waits for
+its KV only when its load is reported, so holding the report holds the blocks in
+both cases. A read that does not end within ``QUARANTINE_AFTER_S`` is counted and
+logged; its blocks stay held for as long as it lasts (never reused).
 """
 
 from __future__ import annotations
@@ -24,12 +32,22 @@ from pd.transfer.messages import Welcome
 from pd.transfer.metadata import LoadSpec
 from pd.transfer.side_channel import HandshakeError, LoadCancelled, SideChannelClient
 from pd.transfer.stats import TransferCounters
-from pd.transfer.transport.base import KVTransport, TransferError, TransportMetadata
+from pd.transfer.transport.base import (
+    KVTransport,
+    TransferError,
+    TransferInFlight,
+    TransportMetadata,
+)
 
 logger = logging.getLogger(__name__)
 
 # Loads waiting for their prefill each hold a (mostly sleeping) thread.
 _MAX_LOAD_THREADS = 256
+# A read given up at its deadline that has not ended this long after: quarantined
+# (counted, logged as an error). UCX's TCP keepalive ends one over a cut link within
+# seconds; a stopped peer ends it only by resuming or dying.
+QUARANTINE_AFTER_S = 60.0
+_SETTLE_POLL_S = 1.0  # how often a settling load checks whether the consumer closed
 
 
 @dataclass(frozen=True)
@@ -77,6 +95,8 @@ class KVConsumer:
         self._waiting: set[str] = set()  # loads that may wait for their prefill
         self._cancelled: set[str] = set()
         self._waiting_lock = threading.Lock()
+        self._closed = threading.Event()
+        self._unsettled = 0  # loads given up whose read may still land
 
     def start(self) -> None:
         self._side_channel = SideChannelClient(self._engine_id)
@@ -100,6 +120,11 @@ class KVConsumer:
         """Whether any load has not ended yet."""
         return self._in_flight > 0
 
+    @property
+    def unsettled(self) -> int:
+        """Loads given up at their deadline whose read has not ended: their blocks held."""
+        return self._unsettled
+
     def take_results(self) -> LoadResults:
         """Loads that ended since the last call. ``failed`` is a subset of ``finished``."""
         results = LoadResults()
@@ -113,6 +138,7 @@ class KVConsumer:
                 results.failed.add(request_id)
 
     def close(self) -> None:
+        self._closed.set()  # settling loads stop waiting: the engine is going away
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
@@ -125,6 +151,7 @@ class KVConsumer:
     def _run(self, spec: LoadSpec, submitted: float) -> None:
         ok, nbytes = False, 0
         started = submitted
+        in_flight: TransferInFlight | None = None
         try:
             if spec.rendezvous and spec.local_block_ids:
                 spec = self._resolve(spec, submitted + self._rendezvous_timeout_s)
@@ -135,13 +162,16 @@ class KVConsumer:
             logger.info("pd: load of %s cancelled: %s", spec.request_id, e)
         except (HandshakeError, TransferError, LayoutError, ValueError) as e:
             logger.warning(
-                "pd: KV load of %s from %s failed (%s); recomputing the prompt",
+                "pd: KV load of %s from %s failed (%s); recomputing the prompt%s",
                 spec.request_id,
                 spec.remote_host or "<no address>",
                 e,
+                " once the read has ended" if isinstance(e, TransferInFlight) else "",
             )
             if isinstance(e, HandshakeError):
                 self._counters.add(handshake_failures=1)
+            if isinstance(e, TransferInFlight):
+                in_flight = e
             # The peer may be gone or restarted: the next load handshakes afresh, so a dead
             # peer costs one handshake deadline rather than a whole transfer deadline.
             self._forget_peer(spec)
@@ -151,8 +181,26 @@ class KVConsumer:
             with self._waiting_lock:
                 self._waiting.discard(spec.request_id)
                 self._cancelled.discard(spec.request_id)
-                self._in_flight -= 1
+            # The lease ends now even for a read still in flight: what the prefill
+            # instance does with its blocks only changes bytes this load discards.
             self._release(spec, ok, nbytes)
+        try:
+            self._report(spec, ok, nbytes, started, submitted, in_flight)
+        finally:
+            with self._waiting_lock:
+                self._in_flight -= 1
+
+    def _report(
+        self,
+        spec: LoadSpec,
+        ok: bool,
+        nbytes: int,
+        started: float,
+        submitted: float,
+        in_flight: TransferInFlight | None,
+    ) -> None:
+        if in_flight is not None and not self._settle(spec.request_id, in_flight):
+            return  # closing with the read in flight: nobody is left to report to
         logger.debug(
             "pd: load of %s: %s, %d blocks, %d bytes, %.1f ms (after %.1f ms waiting)",
             spec.request_id,
@@ -173,6 +221,40 @@ class KVConsumer:
             self._results.put((spec.request_id, ok))
             if self._on_result is not None:
                 self._on_result()
+
+    def _settle(self, request_id: str, in_flight: TransferInFlight) -> bool:
+        """Wait until a read given up at its deadline has ended; False if closed first.
+
+        Its request stays unreported meanwhile, so vLLM keeps its blocks."""
+        self._counters.add(transfers_held=1)
+        with self._waiting_lock:
+            self._unsettled += 1
+        started = time.monotonic()
+        quarantined = False
+        try:
+            while not self._closed.is_set():
+                if in_flight.settle(time.monotonic() + _SETTLE_POLL_S):
+                    logger.info(
+                        "pd: the read of %s ended %.1f s after its deadline; its blocks are "
+                        "vLLM's again",
+                        request_id,
+                        time.monotonic() - started,
+                    )
+                    return True
+                if not quarantined and time.monotonic() - started >= QUARANTINE_AFTER_S:
+                    quarantined = True
+                    self._counters.add(transfers_quarantined=1)
+                    logger.error(
+                        "pd: the read of %s has not ended %.0f s after its deadline (peer "
+                        "stopped?); its %s stays unreported and its blocks held until it does",
+                        request_id,
+                        QUARANTINE_AFTER_S,
+                        "request",
+                    )
+            return False
+        finally:
+            with self._waiting_lock:
+                self._unsettled -= 1
 
     def _resolve(self, spec: LoadSpec, deadline: float) -> LoadSpec:
         """Wait until the prefill worker holds the prompt's KV; the load, now addressed."""

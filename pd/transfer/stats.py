@@ -26,6 +26,10 @@ COUNTERS: dict[str, str] = {
     "transfers_via_nixl": "KV loads that read over NIXL",
     "transfers_via_zmq": "KV loads that read over ZMQ+TCP",
     "transfer_failures": "KV loads that failed (the prompt was recomputed instead)",
+    "transfers_held": "failed KV loads whose read was still in flight at the deadline (its "
+    "blocks held until it ended)",
+    "transfers_quarantined": "held KV loads whose read had not ended a minute after the "
+    "deadline (its blocks kept from reuse for as long as it lasts)",
     "handshake_failures": "handshakes with a prefill instance that failed",
     "blocks_received": "KV blocks loaded from prefill instances",
     "bytes_received": "KV bytes loaded from prefill instances",

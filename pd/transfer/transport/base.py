@@ -29,6 +29,26 @@ class TransferError(RuntimeError):
     """A block read failed or missed its deadline. The caller recomputes instead."""
 
 
+# Waits until ``time.monotonic()`` reaches its argument for a read to end; True once it
+# has ended (done or failed: nothing of it can land any more).
+Settle = Callable[[float], bool]
+
+
+class TransferInFlight(TransferError):
+    """A read given up at its deadline that has not ended: its bytes may still land.
+
+    The destination blocks must not be handed back (recomputed into, given to another
+    request) until ``settle`` returns True. A one-sided read (NIXL) cannot be recalled:
+    UCX completes it once a stalled peer or a cut link comes back, whatever the caller
+    did with the handle meanwhile (measured: releasing it, or removing the peer's agent
+    first, does not stop it).
+    """
+
+    def __init__(self, message: str, settle: Settle) -> None:
+        super().__init__(message)
+        self.settle = settle
+
+
 class KVTransport(ABC):
     name: ClassVar[str]
 
@@ -68,7 +88,8 @@ class KVTransport(ABC):
         Called from decode-side transfer threads, concurrently for different requests.
         Blocks until done or until ``deadline`` (``time.monotonic()`` seconds) and
         returns the bytes moved. Raises ``TransferError`` on any failure; the
-        destination blocks' contents are then undefined.
+        destination blocks' contents are then undefined. ``TransferInFlight`` when
+        the read passed its deadline but may still write into them.
         """
         if len(src_block_ids) != len(dst_block_ids):
             raise TransferError(

@@ -10,7 +10,10 @@ Two defects of NIXL 1.5.1's Python API are avoided here:
 - it hard-codes the UCX progress thread's delay to 0, so every agent spins a whole
   core even when idle: pd builds the agent with a delay (``PROGRESS_DELAY_US``);
 - transfers to a stalled peer can stay in progress forever: every wait has a
-  deadline, after which the transfer is released and the caller recomputes.
+  deadline. A read past it is not released but handed to the caller
+  (``TransferInFlight``), which holds its destination blocks until it ends: UCX
+  still completes it when the peer or the link comes back. pd turns on UCX's TCP
+  keepalive (``UCX_KEEPALIVE_ENV``) so a cut link ends it within seconds.
 pd never pins threads to cores.
 """
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 import threading
 import time
 import uuid
@@ -31,6 +35,7 @@ from pd.transfer.transport.base import (
     BlockAuthorizer,
     KVTransport,
     TransferError,
+    TransferInFlight,
     TransportMetadata,
 )
 
@@ -40,6 +45,11 @@ logger = logging.getLogger(__name__)
 # instead of 100%, for well under a millisecond of added latency per transfer.
 PROGRESS_DELAY_US = 1000
 _POLL_S = (0.0002, 0.005)  # first and largest sleep between completion checks
+# UCX over TCP notices a dead link only through TCP keepalive, off by default: a read
+# from a peer whose link was cut then never ends, until the link returns and it lands
+# (measured between two hosts: still in flight after 30 s; with these, failed 4 s after
+# the cut). A stopped peer's kernel still answers: only its resuming or dying ends it.
+UCX_KEEPALIVE_ENV = {"UCX_TCP_KEEPIDLE": "2s", "UCX_TCP_KEEPINTVL": "1s", "UCX_TCP_KEEPCNT": "3"}
 
 
 def nixl_available() -> bool:
@@ -60,6 +70,7 @@ class NixlTransport(KVTransport):
         self._local_dlist = None
         self._registered = None
         self._peers: dict[str, tuple[object, list[int]]] = {}  # agent -> (dlist, blocks/region)
+        self._retired_dlists: list[object] = []  # of peers whose endpoint failed
         self._lock = threading.Lock()
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -87,7 +98,7 @@ class NixlTransport(KVTransport):
         if agent is None:
             return
         try:
-            for dlist, _ in self._peers.values():
+            for dlist in [*(d for d, _ in self._peers.values()), *self._retired_dlists]:
                 agent.release_dlist_handle(dlist)
             for name in self._peers:
                 agent.remove_remote_agent(name)
@@ -98,6 +109,7 @@ class NixlTransport(KVTransport):
         except Exception:  # shutting down: nothing left to protect
             logger.debug("nixl close", exc_info=True)
         self._peers.clear()
+        self._retired_dlists.clear()
 
     # --- decode side --------------------------------------------------------------------
 
@@ -145,6 +157,8 @@ class NixlTransport(KVTransport):
             remote_idx += [remote_base + b for b in src_block_ids]
         agent = self._agent
         assert agent is not None
+        name = str(peer["agent"])
+        handle = None
         try:
             handle = agent.make_prepped_xfer(
                 "READ",
@@ -154,28 +168,38 @@ class NixlTransport(KVTransport):
                 np.asarray(remote_idx, dtype=np.int32),
             )
             state = agent.transfer(handle)
-        except Exception as e:
+        except Exception as e:  # not posted: nothing of it can land
+            if handle is not None:
+                _Read(agent, handle, "ERR").settle(0)  # releases the handle
+            self._disconnected(name)
             raise TransferError(f"NIXL read of {request_id} could not start: {e}") from e
-        try:
-            sleep_s = _POLL_S[0]
-            while state not in ("DONE", "ERR"):
-                if time.monotonic() >= deadline:
-                    raise TransferError(f"NIXL read of {request_id} passed its deadline")
-                time.sleep(sleep_s)
-                sleep_s = min(sleep_s * 2, _POLL_S[1])
-                state = agent.check_xfer_state(handle)
-            if state == "ERR":
-                raise TransferError(f"NIXL read of {request_id} failed")
-        except TransferError:
-            raise
-        except Exception as e:  # e.g. nixlRemoteDisconnectError: the peer died
-            raise TransferError(f"NIXL read of {request_id} failed: {e}") from e
-        finally:
-            try:
-                agent.release_xfer_handle(handle)
-            except Exception:  # still in flight at a deadline: NIXL keeps it; we moved on
-                logger.debug("could not release a NIXL transfer handle", exc_info=True)
+        read = _Read(agent, handle, state)
+        if not read.settle(deadline):
+            # Kept, not released: UCX may still complete it (see ``TransferInFlight``).
+            raise TransferInFlight(
+                f"NIXL read of {request_id} passed its deadline, still in flight", read.settle
+            )
+        if read.state == "ERR":
+            # e.g. nixlRemoteDisconnectError: the peer died, or the link (keepalive)
+            self._disconnected(name)
+            raise TransferError(f"NIXL read of {request_id} failed: {read.error or 'ERR'}")
         return len(src_block_ids) * self.layout.bytes_per_block
+
+    def _disconnected(self, name: str) -> None:
+        """Forget a peer whose endpoint failed: UCX never reconnects a failed endpoint
+        (measured: every later read fails), so the next ``connect`` loads it afresh."""
+        agent = self._agent
+        with self._lock:
+            known = self._peers.pop(name, None)
+            if known is None or agent is None:
+                return
+            # Other threads may still hold the list: released only at close.
+            self._retired_dlists.append(known[0])
+            try:
+                agent.remove_remote_agent(name)
+            except Exception:
+                logger.debug("could not remove NIXL agent %s", name, exc_info=True)
+        logger.info("pd nixl: endpoint to %s failed; reconnecting on the next read", name)
 
     # --- memory ---------------------------------------------------------------------------
 
@@ -209,10 +233,50 @@ class NixlTransport(KVTransport):
         return list(spans.values())
 
 
+class _Read:
+    """One posted READ, until it ends. Its handle is released only once it has: a read
+    given up at its deadline stays here, and its destination blocks stay held above the
+    transport, until UCX ends it (done, or failed: the peer or the link found dead)."""
+
+    def __init__(self, agent: Any, handle: Any, state: str) -> None:
+        self._agent = agent
+        self._handle = handle
+        self.state = state
+        self.error: Exception | None = None  # what NIXL raised when it failed
+        self._lock = threading.Lock()  # settle may be called from several threads
+
+    def settle(self, deadline: float) -> bool:
+        """Wait until the read ended (DONE or ERR) or ``deadline`` passed; whether it ended."""
+        with self._lock:
+            sleep_s = _POLL_S[0]
+            try:
+                while self.state not in ("DONE", "ERR"):
+                    if time.monotonic() >= deadline:
+                        return False
+                    time.sleep(sleep_s)
+                    sleep_s = min(sleep_s * 2, _POLL_S[1])
+                    self.state = self._agent.check_xfer_state(self._handle)
+            except Exception as e:  # e.g. nixlRemoteDisconnectError: it failed, it ended
+                self.state, self.error = "ERR", e
+            self._release()
+            return True
+
+    def _release(self) -> None:
+        handle, self._handle = self._handle, None
+        if handle is None:
+            return
+        try:
+            self._agent.release_xfer_handle(handle)
+        except Exception:
+            logger.debug("could not release a NIXL transfer handle", exc_info=True)
+
+
 def _make_agent(name: str):
     """A NIXL agent with a UCX backend whose progress thread does not busy-poll."""
     import nixl._api as api
 
+    for key, value in UCX_KEEPALIVE_ENV.items():  # read when the UCX backend starts
+        os.environ.setdefault(key, value)
     strict = api.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT  # our loads run on many threads
     agent = api.nixl_agent(name, api.nixl_agent_config(backends=[], sync_mode=strict))
     # nixl_agent() fixes pthrDelay at 0; rebuild its core agent with a delay before any
