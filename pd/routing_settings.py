@@ -11,7 +11,7 @@ from typing import Any
 
 @dataclass(frozen=True)
 class KVAwareSettings:
-    queued_token_weight: float = 1.0
+    queued_token_weight: float = 0.5
     """Prefill: what one prompt token already queued on an instance costs, against one
     token this request would compute there (its prompt minus the prefix it holds)."""
     decode_affinity_slack: int = 2
@@ -25,6 +25,16 @@ class KVAwareSettings:
     """Conditional disaggregation: no prefill leg when the tokens the chosen decode
     instance would compute itself (prompt minus the prefix it holds) are at most this
     many; 0: never for this reason."""
+    decode_only_token_weight: float | None = 2.0
+    """Conditional disaggregation: no prefill leg when this many times the tokens decode
+    would compute itself costs no more than the best prefill instance's estimate (its
+    uncached tokens plus its weighted queue). Above 1: a token prefilled on decode
+    delays the decoding requests there, so it counts more than one on a prefill
+    instance. null: never for this reason."""
+    expected_block_ttl_s: float = 30.0
+    """How long the blocks of a prompt just routed count as held on the instance that
+    will compute them, before its KV events say so (a conversation's next turn then
+    follows the one still queued); 0: only what the events say."""
     max_blocks_per_instance: int = 262_144
     """The index's memory bound: block hashes remembered per instance (about 100 bytes
     each); past it the longest-held go first (a miss then, never a wrong answer)."""
@@ -42,6 +52,11 @@ class KVAwareSettings:
             raise ValueError("decode_only_cached_fraction must be in (0, 1], or null")
         if self.decode_only_max_uncached_tokens < 0:
             raise ValueError("decode_only_max_uncached_tokens must be at least 0")
+        weight = self.decode_only_token_weight
+        if weight is not None and weight <= 0:
+            raise ValueError("decode_only_token_weight must be positive, or null")
+        if self.expected_block_ttl_s < 0:
+            raise ValueError("expected_block_ttl_s must be at least 0")
         if self.max_blocks_per_instance < 1:
             raise ValueError("max_blocks_per_instance must be at least 1")
         if self.replay_timeout_s <= 0:

@@ -3,8 +3,14 @@
     .venv/bin/python scripts/kv_routing_cost.py [--tokens 2048] [--block-size 32] [--runs 200]
 
 Prints p50/p90 in ms of: tokenizing the prompt (the tiny model's tokenizer, as the
-proxy loads it), hashing its full blocks, and the whole ``KVAware.route`` call
-(tokenized afresh each time; an index of three instances holding part of it).
+proxy loads it), hashing its full blocks, and the whole ``KVAware.route`` call (an
+index of three instances holding part of it), for three kinds of request:
+
+- a text prompt, new each time (tokenized afresh: the route call includes it);
+- token ids, new each time (as the benchmark's trace sends them): every block hashed;
+- token ids extending the previous request's by one block (a conversation's next
+  turn): the blocks hashed before are remembered (``BlockHasher``'s cache).
+
 No engine is started.
 """
 
@@ -64,7 +70,7 @@ async def main() -> None:
         t0 = time.perf_counter()
         ids = await tokenizer.token_ids("completions", body)
         t1 = time.perf_counter()
-        hasher.hashes(ids or [])
+        BlockHasher(args.block_size).hashes(ids or [])  # a fresh hasher: nothing remembered
         t2 = time.perf_counter()
         await policy.route(RoutingRequest("completions", body, tokenizer), prefills, decodes)
         t3 = time.perf_counter()
@@ -72,8 +78,27 @@ async def main() -> None:
         hashing.append(t2 - t1)
         routing.append(t3 - t2)
     print(f"tokenize (in a worker thread): {percentiles(tokenize)}")
-    print(f"hash {len(ids or []) // args.block_size} blocks: {percentiles(hashing)}")
-    print(f"KVAware.route, tokenizing included: {percentiles(routing)}")
+    print(f"hash {len(ids or []) // args.block_size} new blocks: {percentiles(hashing)}")
+    print(f"KVAware.route, a text prompt, tokenizing included: {percentiles(routing)}")
+
+    async def route_ids(token_ids: list[int]) -> float:
+        t0 = time.perf_counter()
+        routed = RoutingRequest("completions", {"prompt": token_ids}, tokenizer)
+        await policy.route(routed, prefills, decodes)
+        return time.perf_counter() - t0
+
+    def new_ids() -> list[int]:
+        return [rng.randrange(32_000) for _ in range(args.tokens)]
+
+    fresh = [await route_ids(new_ids()) for _ in range(args.runs)]
+    print(f"KVAware.route, {args.tokens} new token ids: {percentiles(fresh)}")
+    turn = new_ids()[: args.tokens - args.block_size]
+    following = []
+    for _ in range(args.runs):
+        turn = turn[: args.tokens - args.block_size] + new_ids()[: args.block_size]
+        following.append(await route_ids(turn))
+    print(f"KVAware.route, {args.tokens} token ids, all but the last block as the previous "
+          f"request's: {percentiles(following)}")  # fmt: skip
 
 
 if __name__ == "__main__":

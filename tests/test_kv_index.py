@@ -105,6 +105,41 @@ def test_memory_is_bounded_oldest_entries_go_first():
     assert [index.cached_blocks(P0, [h]) for h in (1, 2, 3, 4, 5)] == [1, 0, 0, 1, 1]
 
 
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_expected_blocks_count_as_held_until_stored_or_lapsed():
+    clock = Clock()
+    index = KVIndex(clock=clock)
+    index.stored(P0, [1], block_size=4)
+    index.expect(P0, [1, 2, 3], ttl_s=5.0)
+    assert index.cached_blocks(P0, [1, 2, 3, 4]) == 3
+    assert index.size(P0) == 1  # expected blocks are not entries held
+    index.stored(P0, [2])  # its event came: held for good, no longer an expectation
+    clock.now = 6.0
+    assert index.cached_blocks(P0, [1, 2, 3]) == 2  # 3 lapsed
+    index.expect(P0, [3], ttl_s=5.0)
+    index.cleared(P0)
+    assert index.cached_blocks(P0, [1, 2, 3]) == 0
+    index.expect(P0, [7], ttl_s=0)  # 0: expectations off
+    assert index.cached_blocks(P0, [7]) == 0
+
+
+def test_expectations_are_bounded_and_lapsed_ones_are_forgotten():
+    clock = Clock()
+    index = KVIndex(max_blocks_per_instance=3, clock=clock)
+    index.expect(P0, [1, 2, 3, 4], ttl_s=5.0)  # the oldest goes past the bound
+    assert index.cached_blocks(P0, [2, 3, 4]) == 3 and index.cached_blocks(P0, [1]) == 0
+    clock.now = 10.0
+    index.expect(P0, [9], ttl_s=5.0)
+    assert len(index._held[P0].expected) == 1  # the lapsed ones went first
+
+
 def test_dropping_an_instance_forgets_only_it():
     index = KVIndex()
     index.stored(P0, [1])
@@ -148,9 +183,22 @@ def test_block_hashes_equal_vllms(algorithm, seed, monkeypatch):
             expected.append(parent)
         ours = BlockHasher(32, algorithm, os.environ.get("PYTHONHASHSEED"))
         assert ours.digests(tokens, salt) == expected
-        assert ours.hashes(tokens, salt) == [
-            kv_cache_utils.maybe_convert_block_hash(h) for h in expected
-        ]
+        for _ in range(2):  # computed, then from the blocks it remembers
+            assert ours.hashes(tokens, salt) == [
+                kv_cache_utils.maybe_convert_block_hash(h) for h in expected
+            ]
+        # A prompt sharing the first two blocks: their remembered hashes, then new ones.
+        other = tokens[:64] + [rng.randrange(128_256) for _ in range(40)]
+        parent, chain = expected[1], expected[:2]
+        extra = None
+        parent = kv_cache_utils.hash_block_tokens(hash_fn, parent, other[64:96], extra)
+        assert ours.digests(other, salt) == [*chain, parent]
+    small = BlockHasher(32, algorithm, os.environ.get("PYTHONHASHSEED"), cache_blocks=2)
+    assert (
+        small.hashes(tokens)
+        == small.hashes(tokens)
+        == BlockHasher(32, algorithm, os.environ.get("PYTHONHASHSEED")).hashes(tokens)
+    )
     assert ours.first_block(tokens[:32]) == ours.hashes(tokens)[0]
 
 

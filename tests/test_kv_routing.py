@@ -58,7 +58,9 @@ def policy(holdings: dict[str, int], **settings: Any) -> KVAware:
     index = KVIndex()
     for name, blocks in holdings.items():
         index.stored(name, HASHES[:blocks], block_size=BLOCK)
-    defaults = {"decode_only_cached_fraction": None, "decode_only_max_uncached_tokens": 0}
+    # Each rule on its own: the others off unless a test turns them on.
+    defaults = {"decode_only_cached_fraction": None, "decode_only_max_uncached_tokens": 0,
+                "decode_only_token_weight": None, "expected_block_ttl_s": 0.0}  # fmt: skip
     return KVAware(KVAwareSettings(**{**defaults, **settings}), index=index)
 
 
@@ -81,10 +83,9 @@ def test_prefill_goes_where_the_longest_prefix_is():
 def test_prefill_cost_counts_the_tokens_queued_there_too():
     prefills = instances("prefill", 2)
     prefills[1].outstanding_prompt_tokens = 30  # holds 24 of 40 tokens, 30 queued: 16 + 30
-    p = policy({"pd-prefill-1": 6})
+    p = policy({"pd-prefill-1": 6}, queued_token_weight=1.0)
     assert names(route(p, request(), prefills, D[:1]))[0] == "pd-prefill-0"  # 40 + 0
-    p.settings = KVAwareSettings(queued_token_weight=0.5, decode_only_max_uncached_tokens=0,
-                                 decode_only_cached_fraction=None)  # fmt: skip
+    p = policy({"pd-prefill-1": 6}, queued_token_weight=0.5)
     assert names(route(p, request(), prefills, D[:1]))[0] == "pd-prefill-1"  # 16 + 15
 
 
@@ -118,6 +119,63 @@ def test_no_prefill_leg_when_what_decode_lacks_is_short():
     short = list(range(10))
     p = policy({}, decode_only_max_uncached_tokens=12)
     assert names(route(p, request(short), P, D[:1]))[2] == DECODE_ONLY  # held by nobody
+
+
+def test_no_prefill_leg_when_prefill_would_compute_again_what_decode_holds():
+    # Decode holds 8 blocks (a conversation's last turn went decode-only), the prefill
+    # instance 2: decode would compute 8 tokens, prefill 32.
+    holdings = {"pd-decode-0": 8, "pd-prefill-0": 2}
+    p = policy(holdings, decode_only_token_weight=4.0)  # 4 x 8 <= 32
+    assert names(route(p, request(), P[:1], D[:1])) == (None, "pd-decode-0", DECODE_ONLY)
+    p = policy(holdings, decode_only_token_weight=4.5)  # 36 > 32
+    assert names(route(p, request(), P[:1], D[:1]))[2] == PREFILL
+    queued = instances("prefill", 1)
+    queued[0].outstanding_prompt_tokens = 8  # its queue counts in its cost: 32 + 0.5 x 8
+    p = policy(holdings, decode_only_token_weight=4.5, queued_token_weight=0.5)
+    assert names(route(p, request(), queued, D[:1]))[2] == DECODE_ONLY
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_routed_prompt_is_expected_where_it_will_be_computed_until_its_events_come():
+    clock = Clock()
+    index = KVIndex(clock=clock)
+    for name in ("pd-prefill-0", "pd-prefill-1", "pd-decode-0"):
+        index.stored(name, [], block_size=BLOCK)  # known instances, holding nothing
+    settings = KVAwareSettings(decode_only_cached_fraction=None, decode_only_max_uncached_tokens=0,
+                               decode_only_token_weight=None, expected_block_ttl_s=5.0)  # fmt: skip
+    p = KVAware(settings, index=index)
+    prefills = instances("prefill", 2)
+    prefills[0].outstanding_prompt_tokens = 1  # the first turn goes to pd-prefill-1
+    first = route(p, request(PROMPT[:24]), prefills, D[:1])
+    assert names(first) == ("pd-prefill-1", "pd-decode-0", PREFILL)
+    prefills[1].outstanding_prompt_tokens = 24  # still computing it: no event yet
+    # The next turn extends it: it follows the first there, where its 6 blocks will be.
+    assert names(route(p, request(), prefills, D[:1]))[0] == "pd-prefill-1"  # 16 + 12 < 40
+    assert index.cached_blocks("pd-decode-0", HASHES) == 0  # decode: once loaded, not now
+    clock.now += 6  # the expectation lapsed without an event: by load again
+    assert index.cached_blocks("pd-prefill-1", HASHES) == 0
+    assert names(route(p, request(PROMPT[:24] + [7] * 16), prefills, D[:1]))[0] == "pd-prefill-0"
+
+
+def test_a_decode_only_route_expects_the_prompt_on_decode():
+    clock = Clock()
+    index = KVIndex(clock=clock)
+    index.stored("pd-decode-0", HASHES[:9], block_size=BLOCK)
+    index.stored("pd-prefill-0", [], block_size=BLOCK)
+    longer = PROMPT + list(range(500, 508))  # 12 blocks; decode holds 9
+    settings = KVAwareSettings(decode_only_cached_fraction=0.7, expected_block_ttl_s=5.0)
+    p = KVAware(settings, index=index)
+    assert names(route(p, request(longer), P[:1], D[:1]))[2] == DECODE_ONLY
+    hashes = BlockHasher(BLOCK).hashes(longer)
+    assert index.cached_blocks("pd-decode-0", hashes) == 12
+    assert index.cached_blocks("pd-prefill-0", hashes) == 0
 
 
 def test_without_token_ids_or_prefill_instances_it_routes_by_load():
@@ -226,8 +284,18 @@ def test_kv_aware_settings_are_validated_with_the_key_named():
         engine_args={"kv_events_config": {"enable_kv_cache_events": True}}
     )
     assert "PYTHONHASHSEED" in problem(prefill={"instances": 2, "env": {"PYTHONHASHSEED": "1"}})
-    settings = config(proxy={"routing": "kv_aware", "kv_aware": {"queued_token_weight": 0.25}})
-    assert settings.proxy.kv_aware.settings().queued_token_weight == 0.25
+    assert "decode_only_token_weight must be positive" in problem(
+        proxy={"kv_aware": {"decode_only_token_weight": 0}}
+    )
+    assert "expected_block_ttl_s must be at least 0" in problem(
+        proxy={"kv_aware": {"expected_block_ttl_s": -1}}
+    )
+    settings = config(proxy={"routing": "kv_aware", "kv_aware": {
+        "queued_token_weight": 0.25, "decode_only_token_weight": None,
+        "expected_block_ttl_s": 0}})  # fmt: skip
+    assert settings.proxy.kv_aware.settings() == KVAwareSettings(
+        queued_token_weight=0.25, decode_only_token_weight=None, expected_block_ttl_s=0.0
+    )
     assert KVAwareSettings().decode_affinity_slack == settings.proxy.kv_aware.decode_affinity_slack
 
 

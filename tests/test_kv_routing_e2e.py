@@ -40,8 +40,10 @@ KV_AWARE = local_config(
         "proxy": {
             "routing": "kv_aware",
             "kv_aware": {
+                # One reason for decode-only at a time: decode would compute little.
                 "decode_only_cached_fraction": None,
                 "decode_only_max_uncached_tokens": MAX_UNCACHED,
+                "decode_only_token_weight": None,
             },
         },
         "timeouts": {"health_interval_s": 1, "health_misses": 1},

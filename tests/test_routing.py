@@ -157,6 +157,7 @@ def test_model_tokenizer_tokenizes_prompts_and_chats(tiny_tokenizer):
     assert asyncio.run(ask("completions", {"prompt": ["héllo"]})) == reference.encode("héllo")
     assert asyncio.run(ask("completions", {"prompt": [3, 4, 5]})) == [3, 4, 5]
     assert asyncio.run(ask("completions", {"prompt": ["a", "b"]})) is None  # a batch
+    assert asyncio.run(ask("completions", {"prompt": [[1, 2], [3]]})) is None  # of ids too
     chat = asyncio.run(ask("chat/completions", {"messages": messages}))
     rendered = reference.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert chat == reference.encode(rendered, add_special_tokens=False)

@@ -134,6 +134,12 @@ class KVAwareSpec(_Strict):
     decode_only_max_uncached_tokens: int = kv_aware_default("decode_only_max_uncached_tokens")
     """No prefill leg when the decode instance would compute at most this many prompt
     tokens itself (0: never for this reason)."""
+    decode_only_token_weight: float | None = kv_aware_default("decode_only_token_weight")
+    """No prefill leg when this many times the tokens decode would compute costs no
+    more than the best prefill instance's estimate (null: never for this reason)."""
+    expected_block_ttl_s: float = kv_aware_default("expected_block_ttl_s")
+    """Seconds a just-routed prompt's blocks count as held where they will be computed,
+    before that instance's KV events say so (0: only what the events say)."""
     max_blocks_per_instance: int = kv_aware_default("max_blocks_per_instance")
     """Memory bound of the proxy's KV index: block hashes remembered per instance."""
     replay_timeout_s: float = kv_aware_default("replay_timeout_s")

@@ -46,9 +46,19 @@ def external_hash(block_hash: bytes | int) -> int:
 
 
 class BlockHasher:
-    """Hashes of a token sequence's full blocks of ``block_size`` tokens."""
+    """Hashes of a token sequence's full blocks of ``block_size`` tokens.
 
-    def __init__(self, block_size: int, algorithm: str = "sha256", seed: str | None = None) -> None:
+    Routing hashes every prompt, and a conversation's turns (or a tenant's questions)
+    repeat the blocks of the ones before; so each block's hash is remembered, keyed by
+    its parent's digest and its tokens (exactly what it is a hash of), for the last
+    ``cache_blocks`` blocks hashed: a repeated block then costs a dict lookup instead of
+    a pickle and a sha256.
+    """
+
+    def __init__(
+        self, block_size: int, algorithm: str = "sha256", seed: str | None = None,
+        cache_blocks: int = 65_536,
+    ) -> None:  # fmt: skip
         """``seed``: the instances' ``PYTHONHASHSEED``; None when they have none."""
         if block_size < 1:
             raise ValueError(f"block_size must be positive, not {block_size}")
@@ -61,21 +71,44 @@ class BlockHasher:
         self.algorithm = algorithm
         self._hash = HASH_ALGORITHMS[algorithm]
         self._none_hash = self._hash(DEFAULT_SEED if seed is None else seed)
+        self._cache_blocks = cache_blocks
+        # (parent digest, the block's tokens) -> (its digest, its low 64 bits); unsalted
+        # blocks only (a salt is on the first block, its children differ by their parent).
+        self._known: dict[tuple[bytes, tuple[int, ...]], tuple[bytes, int]] = {}
+
+    def _chain(self, token_ids: Sequence[int], cache_salt: str | None) -> list[tuple[bytes, int]]:
+        size = self.block_size
+        parent = self._none_hash
+        known = self._known
+        digest = self._hash
+        out: list[tuple[bytes, int]] = []
+        for start in range(0, len(token_ids) - size + 1, size):
+            block = tuple(token_ids[start : start + size])
+            if start == 0 and cache_salt:
+                d = digest((parent, block, (("cache_salt", cache_salt),)))
+                entry = (d, int.from_bytes(d[-8:], "big"))
+            else:
+                key = (parent, block)
+                found = known.get(key)
+                if found is None:
+                    d = digest((parent, block, None))
+                    entry = (d, int.from_bytes(d[-8:], "big"))
+                    if len(known) >= self._cache_blocks:
+                        del known[next(iter(known))]  # the oldest remembered
+                    known[key] = entry
+                else:
+                    entry = found
+            out.append(entry)
+            parent = entry[0]
+        return out
 
     def digests(self, token_ids: Sequence[int], cache_salt: str | None = None) -> list[bytes]:
         """The full digests of the full blocks, in order (vLLM's ``request.block_hashes``)."""
-        size = self.block_size
-        parent = self._none_hash
-        out = []
-        for start in range(0, len(token_ids) - size + 1, size):
-            extra = (("cache_salt", cache_salt),) if start == 0 and cache_salt else None
-            parent = self._hash((parent, tuple(token_ids[start : start + size]), extra))
-            out.append(parent)
-        return out
+        return [d for d, _ in self._chain(token_ids, cache_salt)]
 
     def hashes(self, token_ids: Sequence[int], cache_salt: str | None = None) -> list[int]:
         """The blocks' hashes as KV events carry them (low 64 bits)."""
-        return [external_hash(d) for d in self.digests(token_ids, cache_salt)]
+        return [h for _, h in self._chain(token_ids, cache_salt)]
 
     def first_block(self, token_ids: Sequence[int]) -> int:
         """The hash of a chain's first block of ``token_ids`` (a full block, no salt)."""

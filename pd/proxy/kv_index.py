@@ -13,13 +13,20 @@ which costs a miss or a recompute, never a wrong answer. So it stays simple:
   it the longest-held entries go first (an approximation of the engine's LRU);
 - ``drop`` forgets an instance (it restarted, left rotation, lost events);
 - an unknown hash is simply not held; events for an unknown instance are ignored.
+
+Between routing a prompt to an instance and that instance's ``BlockStored`` events
+(the prompt computed, seconds later under load), the proxy may ``expect`` its blocks
+there: they count as held until the events come or ``ttl_s`` passes, so a request that
+follows (a conversation's next turn) goes where its prefix is being computed instead of
+computing it again elsewhere. An expectation that never comes true costs a miss.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,13 +49,20 @@ class HeldBlocks:
 
     blocks: OrderedDict[int, int] = field(default_factory=OrderedDict)
     block_size: int | None = None  # from its BlockStored events
+    # Blocks routed here and not stored yet: hash -> when the expectation lapses, in
+    # that order (one ttl for all: insertion order is expiry order).
+    expected: dict[int, float] = field(default_factory=dict)
 
 
 class KVIndex:
-    def __init__(self, max_blocks_per_instance: int = 1_000_000) -> None:
+    def __init__(
+        self, max_blocks_per_instance: int = 1_000_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:  # fmt: skip
         if max_blocks_per_instance < 1:
             raise ValueError("max_blocks_per_instance must be positive")
         self.max_blocks_per_instance = max_blocks_per_instance
+        self._clock = clock
         self._held: dict[str, HeldBlocks] = {}
         self.evicted_for_space = 0  # entries dropped because an instance hit the cap
 
@@ -63,14 +77,42 @@ class KVIndex:
             held.block_size = block_size
         bit = _bit(medium)
         blocks = held.blocks
+        expected = held.expected
         for raw in block_hashes:
             h = external_hash(raw)
             blocks[h] = blocks.get(h, 0) | bit
             blocks.move_to_end(h)  # stored again: the newest entry
+            if expected:
+                expected.pop(h, None)  # it came true
         overflow = len(blocks) - self.max_blocks_per_instance
         for _ in range(max(0, overflow)):
             blocks.popitem(last=False)
         self.evicted_for_space += max(0, overflow)
+
+    def expect(self, instance: str, block_hashes: Sequence[int], ttl_s: float) -> None:
+        """``instance`` is about to compute these blocks (a prompt routed to it): they
+        count as held for ``ttl_s`` or until it stores them. A block it holds already
+        is left as it is; an instance the index has not heard of yet is remembered."""
+        if ttl_s <= 0 or not block_hashes:
+            return
+        held = self._held.setdefault(instance, HeldBlocks())
+        now = self._clock()
+        expected = held.expected
+        while expected:  # the lapsed ones first (the oldest are first)
+            oldest = next(iter(expected))
+            if expected[oldest] >= now:
+                break
+            del expected[oldest]
+        until = now + ttl_s
+        blocks = held.blocks
+        for h in block_hashes:
+            if h in blocks:
+                continue
+            expected.pop(h, None)  # re-inserted: at the end, in expiry order
+            expected[h] = until
+        overflow = len(expected) - self.max_blocks_per_instance
+        for _ in range(max(0, overflow)):
+            del expected[next(iter(expected))]
 
     def removed(
         self, instance: str, block_hashes: Iterable[int | bytes], medium: str | None = None
@@ -94,6 +136,7 @@ class KVIndex:
         held = self._held.get(instance)
         if held is not None:
             held.blocks.clear()
+            held.expected.clear()
 
     def drop(self, instance: str) -> None:
         """Forget ``instance`` entirely (restarted, out of rotation, events lost)."""
@@ -124,7 +167,8 @@ class KVIndex:
     # --- questions -----------------------------------------------------------------------
 
     def cached_blocks(self, instance: str, block_hashes: Sequence[int]) -> int:
-        """How many of ``block_hashes``' leading blocks ``instance`` holds (any medium)."""
+        """How many of ``block_hashes``' leading blocks ``instance`` holds (any medium),
+        or is expected to hold (``expect``)."""
         held = self._held.get(instance)
         if held is None:
             return 0
@@ -132,6 +176,18 @@ class KVIndex:
         n = 0
         for h in block_hashes:
             if h not in blocks:
+                break
+            n += 1
+        expected = held.expected
+        if not expected or n == len(block_hashes):
+            return n
+        now = self._clock()
+        for h in block_hashes[n:]:
+            if h in blocks:
+                n += 1
+                continue
+            until = expected.get(h)
+            if until is None or until < now:
                 break
             n += 1
         return n
@@ -144,7 +200,7 @@ class KVIndex:
         return {h.block_size for h in self._held.values() if h.block_size}
 
     def size(self, instance: str | None = None) -> int:
-        """Entries held, for ``instance`` or all."""
+        """Entries held (not counting expected ones), for ``instance`` or all."""
         if instance is not None:
             held = self._held.get(instance)
             return len(held.blocks) if held else 0

@@ -7,12 +7,19 @@ instances' KV events) how long a prefix each instance holds. Then (docs/routing.
 - decode: the least loaded instance (requests in flight), unless one within
   ``decode_affinity_slack`` requests of it holds a longer prefix: that one (a
   conversation's next turn finds its KV there);
-- no prefill leg when the chosen decode instance would compute little itself: it
-  holds at least ``decode_only_cached_fraction`` of the prompt, or what it lacks is at
-  most ``decode_only_max_uncached_tokens`` (conditional disaggregation);
-- otherwise prefill on the instance of least estimated cost: the tokens it would
-  compute (prompt minus the prefix it holds) plus ``queued_token_weight`` times the
-  prompt tokens already queued on it.
+- prefill on the instance of least estimated cost: the tokens it would compute
+  (prompt minus the prefix it holds) plus ``queued_token_weight`` times the prompt
+  tokens already queued on it;
+- no prefill leg (conditional disaggregation) when the chosen decode instance would
+  compute little itself: it holds at least ``decode_only_cached_fraction`` of the
+  prompt, or what it lacks is at most ``decode_only_max_uncached_tokens``, or
+  ``decode_only_token_weight`` times what it lacks costs no more than the best prefill
+  instance's estimate (decode holds a conversation's last turns, which a prefill
+  instance would compute again);
+- the instance that will compute the prompt (the prefill instance, or decode on a
+  decode-only route) is expected to hold its blocks from now on (``KVIndex.expect``,
+  for ``expected_block_ttl_s`` or until its events say so): a conversation's next turn,
+  arriving while this one is still queued, follows it there.
 
 A request whose token ids the proxy cannot tell (several prompts, no tokenizer) is
 routed by load alone, as ``least_loaded`` does. Every decision is a ``Route.decision``
@@ -21,6 +28,7 @@ routed by load alone, as ``least_loaded`` does. Every decision is a ``Route.deci
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 from functools import lru_cache
@@ -108,20 +116,34 @@ class KVAware(RoutingPolicy):
         s = self.settings
         if not prefills:
             return self._decided(Route(None, decode.instance, NO_PREFILL), n, decode, None)
+
+        def cost(h: Holding) -> float:
+            queued = h.instance.outstanding_prompt_tokens
+            return n - h.cached_tokens + s.queued_token_weight * queued
+
+        prefill = min((holding(p) for p in prefills), key=lambda h: (cost(h), h.instance.name))
         mostly_held = (
             s.decode_only_cached_fraction is not None
             and n > 0
             and decode.cached_tokens >= s.decode_only_cached_fraction * n
         )
-        if mostly_held or uncached <= s.decode_only_max_uncached_tokens:
-            return self._decided(Route(None, decode.instance, DECODE_ONLY), n, decode, None)
-
-        def cost(h: Holding) -> tuple[float, str]:
-            queued = h.instance.outstanding_prompt_tokens
-            return (n - h.cached_tokens + s.queued_token_weight * queued, h.instance.name)
-
-        prefill = min((holding(p) for p in prefills), key=cost)
+        cheaper_on_decode = (
+            s.decode_only_token_weight is not None
+            and s.decode_only_token_weight * uncached <= cost(prefill)
+        )
+        if mostly_held or uncached <= s.decode_only_max_uncached_tokens or cheaper_on_decode:
+            self._expect(decode.instance, hashes)
+            return self._decided(Route(None, decode.instance, DECODE_ONLY), n, decode, prefill)
+        self._expect(prefill.instance, hashes)
         return self._decided(Route(prefill.instance, decode.instance, PREFILL), n, decode, prefill)
+
+    def _expect(self, computes: Instance, hashes: dict[int, list[int]]) -> None:
+        """``computes`` will hold the prompt's blocks once it has computed them. Decode
+        on a prefill route is not expected to: it holds them only once the transfer is
+        done, and a decode-only turn that came before would compute them itself."""
+        size = self.index.block_size(computes.name)
+        if size and size in hashes:
+            self.index.expect(computes.name, hashes[size], self.settings.expected_block_ttl_s)
 
     def _decode(self, holding, decodes: list[Instance]) -> Holding:
         least = min(d.inflight_requests for d in decodes)
@@ -140,12 +162,20 @@ class KVAware(RoutingPolicy):
         route: Route, prompt_tokens: int, decode: Holding, prefill: Holding | None
     ) -> Route:
         if logger.isEnabledFor(logging.DEBUG):
-            logger.debug(
+            line = (
                 "kv_aware: %s: %d prompt tokens; decode %s holds %d%s",
                 route.decision, prompt_tokens, decode.instance.name, decode.cached_tokens,
-                f"; prefill {prefill.instance.name} holds {prefill.cached_tokens}"
+                f"; best prefill {prefill.instance.name} holds {prefill.cached_tokens}, "
+                f"{prefill.instance.outstanding_prompt_tokens} queued"
                 if prefill else "",
             )  # fmt: skip
+            # Written once the route is served, not inside it: formatting and writing a
+            # line would count in pd_routing_seconds (scripts/bench_routing.py logs at
+            # debug level to see each request's route).
+            try:
+                asyncio.get_running_loop().call_soon(logger.debug, *line)
+            except RuntimeError:  # no loop (a caller outside the proxy): now
+                logger.debug(*line)
         return route
 
     @staticmethod

@@ -21,6 +21,7 @@ KEPT = ("completed", "failed", "num_prompts", "duration", "request_throughput",
         "output_throughput", "total_token_throughput", "total_input_tokens",
         "mean_ttft_ms", "p50_ttft_ms", "p90_ttft_ms", "p99_ttft_ms",
         "p50_tpot_ms", "p90_tpot_ms", "p99_tpot_ms", "p50_itl_ms", "p99_itl_ms")  # fmt: skip
+PER_REQUEST = ("input_lens", "start_times", "ttfts")
 
 
 def replay(
@@ -38,7 +39,7 @@ def replay(
         "--num-prompts", str(prompts), "--ignore-eos", "--ready-check-timeout-sec", "0",
         "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,99",
         "--save-result", "--result-dir", str(out.parent), "--result-filename", out.name,
-        "--disable-tqdm",
+        "--disable-tqdm", "--save-detailed",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     limit_s = 3 * last_arrival_ms * sec_multiplier + 120  # past this it is overloaded: say so
@@ -49,4 +50,7 @@ def replay(
     if run.returncode != 0:
         return {"error": (run.stdout + run.stderr)[-1500:]}
     result = json.loads(out.read_text())
-    return {key: result[key] for key in KEPT if key in result}
+    kept = {key: result[key] for key in KEPT if key in result}
+    # Per request, in the trace's order: its prompt length, when it was sent and its TTFT.
+    kept["per_request"] = {key: result.get(key) for key in PER_REQUEST}
+    return kept

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import time
 import traceback
@@ -19,6 +20,7 @@ from .replay import replay
 from .report import write_report
 from .settings import BLOCK_SIZE, Settings
 
+REQUESTS = "routing.requests.json"
 SHARED_PREFIX_SEC_MULTIPLIER = 0.001  # its timestamps are the Poisson arrivals, in ms
 
 
@@ -32,7 +34,11 @@ def measure(
                   else SHARED_PREFIX_SEC_MULTIPLIER)  # fmt: skip
     logs = workdir / f"{system}-{workload}"
     logs.mkdir()
-    serve = PdServeProcess(systems.config(system, settings.served_name, blocks), workdir=logs)
+    # Debug level: kv_aware logs each route (written after it, outside its timing);
+    # the timeline: each request's steps on every process (pd.transfer.timeline).
+    env = {"PD_LOG_LEVEL": "DEBUG", "PD_TIMELINE": str(logs / "timeline.jsonl")}
+    serve = PdServeProcess(systems.config(system, settings.served_name, blocks), workdir=logs,
+                           env=env)  # fmt: skip
     try:
         serve.start().wait_ready()
         before = systems.counters(serve)
@@ -45,9 +51,29 @@ def measure(
         result["wall_s"] = time.monotonic() - start
         result["loadavg_1m"] = {"before": load_before, "after": os.getloadavg()[0]}
         result["engine_blocks"] = blocks
-        return result
     finally:
         serve.stop()
+    if "per_request" in result:  # the log is whole once pd-serve stopped
+        result["per_request"]["routes"] = routes(serve.log_path)
+    return result
+
+
+ROUTE_LINE = re.compile(
+    r"kv_aware: (\w+): (\d+) prompt tokens; decode (\S+) holds (\d+)"
+    r"(?:; best prefill (\S+) holds (\d+), (\d+) queued)?"
+)
+
+
+def routes(log: Path) -> list[dict[str, Any]]:
+    """kv_aware's debug lines in pd-serve's log, in the order it routed."""
+    out = []
+    for m in ROUTE_LINE.finditer(log.read_text(errors="replace")):
+        decision, n, decode, held_d, prefill, held_p, queued = m.groups()
+        out.append({"decision": decision, "prompt_tokens": int(n), "decode": decode,
+                    "decode_holds": int(held_d), "prefill": prefill,
+                    "prefill_holds": int(held_p) if held_p else None,
+                    "prefill_queued": int(queued) if queued else None})  # fmt: skip
+    return out
 
 
 def run(
@@ -58,6 +84,10 @@ def run(
     results: dict[str, Any] = {"commands": [], "rows": {}}
     if merge and (out_dir / "routing.json").exists():
         results = json.loads((out_dir / "routing.json").read_text())
+    # routing.requests.json: per row, each request's TTFT, length, send time and route
+    requests: dict[str, Any] = {}
+    if merge and (out_dir / REQUESTS).exists():
+        requests = json.loads((out_dir / REQUESTS).read_text())
     results["commands"].append(command)
     results["settings"] = settings.as_dict()
     results["block_size"] = BLOCK_SIZE
@@ -81,6 +111,11 @@ def run(
             else:
                 print(f"   TTFT p50 {row['p50_ttft_ms']:.0f} ms, p90 {row['p90_ttft_ms']:.0f} "
                       f"ms, {row['completed']}/{row['num_prompts']} done", flush=True)  # fmt: skip
+            per_request = row.pop("per_request", None)
             results["rows"].setdefault(workload, {})[system] = row
+            if per_request is not None:  # beside routing.json: each request of the row
+                requests.setdefault(workload, {})[system] = per_request
+                out_dir.mkdir(parents=True, exist_ok=True)
+                (out_dir / REQUESTS).write_text(json.dumps(requests) + "\n")
             write_report(results, out_dir)  # after every row: a cut run keeps what it has
     return results, failed
