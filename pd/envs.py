@@ -32,3 +32,9 @@ def PD_STORE_MANAGED() -> bool:
     """Set by pd-serve for its instances: the node's KV store is run by pd-serve's store
     actor (pd.cluster.store_actor), so an instance never starts one itself."""
     return os.environ.get("PD_STORE_MANAGED", "") == "1"
+
+
+def PD_TIMELINE() -> str:
+    """A file each pd process appends per-request timestamps to (pd.transfer.timeline; default:
+    unset, nothing recorded). For measuring the P/D path, not for production."""
+    return _str("PD_TIMELINE", "")

@@ -52,6 +52,7 @@ from pd.connector.worker import PDWorker
 from pd.decode.scheduler_side import DecodeScheduler
 from pd.log import setup_logging
 from pd.prefill.scheduler_side import PrefillScheduler
+from pd.transfer import timeline
 from pd.transfer.config import PDConnectorConfig
 from pd.transfer.metadata import PDConnectorMetadata, PDHandshakeMetadata
 from pd.transfer.params import KVTransferParams
@@ -97,6 +98,7 @@ class PDConnector(KVConnectorBase_V1):
         self._decode: DecodeScheduler | None = None
         self._store: StoreScheduler | None = None
         self._worker: PDWorker | None = None
+        self._timed: set[str] = set()  # pd.transfer.timeline: loaded, compute step not yet marked
         if role == KVConnectorRole.SCHEDULER:
             # Read by vLLM's scheduler right after this constructor: pd recomputes a
             # prompt whose load failed unless the user asked for "fail".
@@ -152,6 +154,7 @@ class PDConnector(KVConnectorBase_V1):
         if _loads_from_prefill(request):
             if self._decode is None:
                 return 0, False
+            timeline.mark("sched_seen", request.request_id)
             return self._decode.get_num_new_matched_tokens(request, num_computed_tokens)
         if self._store is not None:
             return self._store.get_num_new_matched_tokens(request, num_computed_tokens)
@@ -173,6 +176,8 @@ class PDConnector(KVConnectorBase_V1):
             )
         if self._decode is not None:
             metadata.loads, metadata.cancelled_loads = self._decode.take_loads()
+            if timeline.enabled():
+                _mark_decode_step(scheduler_output, metadata, self._timed)
         if self._store is not None:
             metadata.store_loads, metadata.store_saves = self._store.take()
         return metadata
@@ -195,6 +200,10 @@ class PDConnector(KVConnectorBase_V1):
         return delay_free, params
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        if self._decode is not None and connector_output.finished_recving and timeline.enabled():
+            for request_id in connector_output.finished_recving:
+                timeline.mark("completion_seen", request_id)
+                self._timed.add(request_id)
         if self._store is not None and connector_output.finished_sending:
             self._store.saves_copied(connector_output.finished_sending)
 
@@ -281,6 +290,20 @@ class PDConnector(KVConnectorBase_V1):
 
             register_store_collector(store_config)
         return PDPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
+
+def _mark_decode_step(
+    scheduler_output: SchedulerOutput, metadata: PDConnectorMetadata, timed: set[str]
+) -> None:
+    """pd.transfer.timeline: the step that hands loads to the workers, and the first step that
+    computes a loaded request (its last prompt token; the first token is sampled there)."""
+    for spec in metadata.loads:
+        if spec.reports_completion:
+            timeline.mark("loads_sent", spec.request_id)
+    for new in scheduler_output.scheduled_new_reqs:
+        if new.req_id in timed:
+            timed.discard(new.req_id)
+            timeline.mark("compute_scheduled", new.req_id)
 
 
 def _loads_from_prefill(request: Request) -> bool:

@@ -27,6 +27,7 @@ from pd.decode.kv_consumer import KVConsumer
 from pd.prefill.kv_producer import KVProducer
 from pd.store.config import StoreConfig
 from pd.store.keys import StoreNamespace
+from pd.transfer import timeline
 from pd.transfer.config import PDConnectorConfig
 from pd.transfer.layout import KVCacheLayout
 from pd.transfer.metadata import PDConnectorMetadata, PDHandshakeMetadata
@@ -166,6 +167,8 @@ class PDWorker:
             self._producer.grant(metadata.leases, metadata.rendezvous, metadata.failed_rendezvous)
         if metadata.loads or metadata.cancelled_loads:
             assert self._consumer is not None, "loads scheduled on an instance without kv_consumer"
+            for spec in metadata.loads:
+                timeline.mark("load_submitted", spec.request_id)
             self._consumer.submit(metadata.loads, metadata.cancelled_loads)
         if metadata.store_loads or metadata.store_saves:
             assert self._store is not None, "store work scheduled on a worker without a store"
@@ -182,6 +185,8 @@ class PDWorker:
         if self._consumer is not None:
             loads = self._consumer.take_results()
             recving, failed = loads.finished, loads.failed
+            for request_id in recving:
+                timeline.mark("load_reported", request_id)
         if self._store is not None:
             store = self._store.take_results()
             recving |= store.finished_loads

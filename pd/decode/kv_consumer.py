@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from pd.transfer import timeline
 from pd.transfer.layout import LayoutError
 from pd.transfer.messages import Welcome
 from pd.transfer.metadata import LoadSpec
@@ -156,7 +157,9 @@ class KVConsumer:
             if spec.rendezvous and spec.local_block_ids:
                 spec = self._resolve(spec, submitted + self._rendezvous_timeout_s)
             started = time.monotonic()
+            timeline.mark("load_started", spec.request_id)
             nbytes = self._load(spec, started + self._transfer_timeout_s)
+            timeline.mark("load_ended", spec.request_id)
             ok = True
         except LoadCancelled as e:
             logger.info("pd: load of %s cancelled: %s", spec.request_id, e)
@@ -183,12 +186,17 @@ class KVConsumer:
                 self._cancelled.discard(spec.request_id)
             # The lease ends now even for a read still in flight: what the prefill
             # instance does with its blocks only changes bytes this load discards.
-            self._release(spec, ok, nbytes)
+            if in_flight is not None:
+                self._release(spec, ok, nbytes)
         try:
             self._report(spec, ok, nbytes, started, submitted, in_flight)
         finally:
             with self._waiting_lock:
                 self._in_flight -= 1
+            if in_flight is None:
+                # After the report: the release is a round trip to prefill (its core
+                # busy), and decode schedules the request meanwhile.
+                self._release(spec, ok, nbytes)
 
     def _report(
         self,
@@ -218,6 +226,7 @@ class KVConsumer:
                 self._counters.observe(transfer_seconds=time.monotonic() - started)
             else:
                 self._counters.add(transfer_failures=1)
+            timeline.mark("result_queued", spec.request_id)
             self._results.put((spec.request_id, ok))
             if self._on_result is not None:
                 self._on_result()

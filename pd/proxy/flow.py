@@ -51,6 +51,7 @@ from fastapi.responses import Response, StreamingResponse
 from pd.proxy.errors import ProxyError
 from pd.proxy.instances import Instance, InstancePool
 from pd.proxy.metrics import ProxyMetrics
+from pd.transfer import timeline
 from pd.transfer.params import KVTransferParams
 
 logger = logging.getLogger(__name__)
@@ -167,6 +168,7 @@ class Flow(ABC):
             inst.inflight_requests -= 1
             inst.outstanding_prompt_tokens -= leg.prompt_tokens
         self._metrics.prefill.observe(time.monotonic() - sent)
+        timeline.mark("proxy_prefill_answer")
         if 400 <= response.status_code < 500:
             return Response(response.content, response.status_code, media_type="application/json")
         if response.status_code != 200:
@@ -190,6 +192,7 @@ class Flow(ABC):
     async def _decode(self, leg: Leg, body: dict[str, Any]) -> Response:
         inst = leg.decode
         inst.inflight_requests += 1
+        timeline.mark("proxy_decode_sent")
         post = self._http.post(f"{inst.url}/v1/{leg.endpoint}", json=body, timeout=self._timeout)
         try:
             response = await until_disconnect(leg.request, self._on_decode(inst, post))
@@ -203,6 +206,7 @@ class Flow(ABC):
         upstream_request = self._http.build_request(
             "POST", f"{inst.url}/v1/{leg.endpoint}", json=body, timeout=self._timeout
         )
+        timeline.mark("proxy_decode_sent")
         return await self._on_decode(inst, self._http.send(upstream_request, stream=True))
 
     async def _on_decode(self, inst: Instance, call: Awaitable[T]) -> T:
@@ -237,6 +241,7 @@ class Flow(ABC):
                 async for chunk in relayed:
                     now = time.monotonic()
                     if last is None:
+                        timeline.mark("proxy_first_chunk")
                         self._metrics.observe_ttft(now - leg.started)
                     else:
                         self._metrics.observe_itl(now - last)

@@ -3,11 +3,15 @@ own time for the same prompt, and where the sequential path's time goes on decod
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
+
+from pd.transfer import timeline
 
 from . import scrape
 from .systems import PdServe
@@ -31,6 +35,7 @@ def pd_overhead(system: PdServe, url: str) -> dict[str, Any]:
     handed_off: list[bool] = []
     legs: list[float] = []
     decode_side: list[dict[str, float]] = []
+    windows: list[tuple[float, float]] = []  # wall clock: sent, first token event
     with httpx.Client(timeout=60) as client:
         # Interleaved, so that a machine getting faster or slower biases neither side.
         handoffs = scrape.first_token_handoffs(url)
@@ -45,6 +50,7 @@ def pd_overhead(system: PdServe, url: str) -> dict[str, Any]:
             body = {"model": served, "prompt": shifted, "max_tokens": 2, "stream": True,
                     "ignore_eos": True}  # fmt: skip
             time.sleep(SETTLE_S)
+            wall_started = time.time()
             started = time.perf_counter()
             arrivals = []
             with client.stream("POST", f"{url}/v1/completions", json=body) as response:
@@ -55,6 +61,7 @@ def pd_overhead(system: PdServe, url: str) -> dict[str, Any]:
             if not arrivals:
                 raise RuntimeError(f"no token events in the answer ({response.status_code})")
             ttft.append(arrivals[0])
+            windows.append((wall_started, wall_started + arrivals[0]))
             second.append(arrivals[-1])  # vLLM may send both tokens in one event
             # Scraped after the timed request: /metrics makes every instance render its own.
             before_request, handoffs = handoffs, scrape.first_token_handoffs(url)
@@ -88,6 +95,13 @@ def pd_overhead(system: PdServe, url: str) -> dict[str, Any]:
     # Where the sequential path's time goes, as the decode instance saw each request.
     for key in scrape.DECODE_SUMS:
         result[f"decode_{key}_p50_ms"] = p50_ms([d[key] for d in decode_side], False)
+    if system.timeline is not None and system.timeline.exists():
+        steps = timeline_steps(
+            timeline.read(str(system.timeline)), windows[WARM_UP:], decode_side[WARM_UP:],
+            [not h for h in handed_off[WARM_UP:]], system.timeline.with_suffix(".rows.json"),
+        )  # fmt: skip
+        if steps:
+            result["timeline"] = steps
     if any(handed_off):
         counted = handed_off[WARM_UP:]
         result["first_token_handoffs"] = f"{sum(counted)} of {len(counted)}"
@@ -97,3 +111,60 @@ def pd_overhead(system: PdServe, url: str) -> dict[str, Any]:
                 result[f"{key}_paired_overhead_p50_ms"] = p50_ms(paired, which)
                 result[f"{key}_second_token_p50_ms"] = p50_ms(second, which)
     return result
+
+
+# pd.transfer.timeline's marks on the sequential path, in the order they happen, each with what
+# happened at that moment (the proxy's, the decode engine core's and its worker's).
+TIMELINE_STEPS = (
+    ("proxy_prefill_answer", "proxy got prefill's answer"),
+    ("proxy_decode_sent", "proxy sent the decode leg"),
+    ("sched_seen", "decode's scheduler saw the request (HTTP, API server, engine-core IPC)"),
+    ("loads_sent", "that step's metadata carries the load"),
+    ("load_submitted", "the worker got the load"),
+    ("load_started", "pull started (load thread)"),
+    ("load_ended", "pull ended"),
+    ("result_queued", "lease released on prefill, result queued"),
+    ("load_reported", "a step's get_finished reported it to vLLM"),
+    ("completion_seen", "the scheduler processed that step's output"),
+    ("compute_scheduled", "a step scheduled the prompt's last token"),
+    ("first_token", "first token sampled (+ decode's own prefill time)"),
+    ("proxy_first_chunk", "proxy got the first token"),
+    ("client", "client got the first token"),
+)
+
+
+def timeline_steps(
+    marks: list[dict[str, Any]], windows: list[tuple[float, float]],
+    decode_side: list[dict[str, float]], sequential: list[bool], rows_path: Path | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Per step of TIMELINE_STEPS, the p50 in ms since the previous one, over the
+    sequential requests whose marks all fell inside their own window (one request at a
+    time: a window's marks are its request's)."""
+    rows: list[list[float]] = []
+    raw: list[dict[str, Any]] = []  # each request's marks, for a closer look
+    for (sent, first), side, seq in zip(windows, decode_side, sequential, strict=True):
+        if not seq:
+            continue
+        times: dict[str, float] = {}
+        for mark in marks:
+            if sent <= mark["t"] <= first + 0.001:
+                times.setdefault(mark["ev"], mark["t"])
+        if "compute_scheduled" in times and side.get("prefill") is not None:
+            times["first_token"] = times["compute_scheduled"] + side["prefill"]
+        times["client"] = first
+        if all(event in times for event, _ in TIMELINE_STEPS):
+            rows.append([times[event] for event, _ in TIMELINE_STEPS])
+            raw.append({"times": times, "decode": side})
+    if not rows:
+        return {}
+    if rows_path is not None:
+        rows_path.write_text(json.dumps(raw))
+    steps: dict[str, Any] = {"requests": len(rows)}
+    for i, (event, what) in enumerate(TIMELINE_STEPS[1:], start=1):
+        steps[f"{event}: {what}"] = round(
+            1000 * statistics.median(r[i] - r[i - 1] for r in rows), 2
+        )
+    steps["total (prefill answer -> client)"] = round(
+        1000 * statistics.median(r[-1] - r[0] for r in rows), 2
+    )
+    return steps

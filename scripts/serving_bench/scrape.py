@@ -8,6 +8,7 @@ import httpx
 DECODE_SUMS = {
     "ttft": "vllm:time_to_first_token_seconds_sum",  # the decode server got it -> 1st token
     "queue": "vllm:request_queue_time_seconds_sum",  # waiting, the KV load included
+    "prefill": "vllm:request_prefill_time_seconds_sum",  # scheduled -> 1st token (engine)
 }
 
 

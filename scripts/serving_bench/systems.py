@@ -99,6 +99,7 @@ class PdServe(System):
 
     is_pd = True
     serve: PdServeProcess | None = None
+    timeline: Path | None = None
 
     def __init__(
         self, settings: Settings, name: str, transport: str, flow: str, niceness: tuple[int, int]
@@ -124,7 +125,16 @@ class PdServe(System):
         })  # fmt: skip
 
     def start(self, model: Path, workdir: Path) -> str:
-        self.serve = PdServeProcess(self.config(model), workdir=workdir).start().wait_ready()
+        # pd.transfer.timeline: every pd process marks each request's steps (a few us a request);
+        # the overhead probe splits its one-at-a-time requests' time with them.
+        self.timeline = workdir / "timeline.jsonl"
+        self.serve = (
+            PdServeProcess(
+                self.config(model), workdir=workdir, env={"PD_TIMELINE": str(self.timeline)}
+            )
+            .start()
+            .wait_ready()
+        )
         instances = self.serve.instances()
         self.prefill_url = instances["pd-prefill-0"].url
         self.decode_url = instances["pd-decode-0"].url
