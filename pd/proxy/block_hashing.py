@@ -49,15 +49,20 @@ class BlockHasher:
     """Hashes of a token sequence's full blocks of ``block_size`` tokens.
 
     Routing hashes every prompt, and a conversation's turns (or a tenant's questions)
-    repeat the blocks of the ones before; so each block's hash is remembered, keyed by
-    its parent's digest and its tokens (exactly what it is a hash of), for the last
-    ``cache_blocks`` blocks hashed: a repeated block then costs a dict lookup instead of
-    a pickle and a sha256.
+    repeat the blocks of the ones before; so each block's hash is remembered with its
+    tokens, under its parent's digest, for the last ``cache_blocks`` parents (half of them
+    at least): a repeated
+    block then costs a dict lookup and a comparison of its tokens (what, with the
+    parent, it is a hash of) instead of a pickle and a sha256. Remembering costs a
+    block hashed anew more the larger the cache (memory misses): on this machine, a new
+    2k-token prompt took 0.09 ms to hash without it, 0.11 ms with 16,384 parents
+    remembered and 0.13 ms with 65,536; one whose blocks but the last are remembered,
+    0.02 ms.
     """
 
     def __init__(
         self, block_size: int, algorithm: str = "sha256", seed: str | None = None,
-        cache_blocks: int = 65_536,
+        cache_blocks: int = 16_384,
     ) -> None:  # fmt: skip
         """``seed``: the instances' ``PYTHONHASHSEED``; None when they have none."""
         if block_size < 1:
@@ -71,10 +76,16 @@ class BlockHasher:
         self.algorithm = algorithm
         self._hash = HASH_ALGORITHMS[algorithm]
         self._none_hash = self._hash(DEFAULT_SEED if seed is None else seed)
-        self._cache_blocks = cache_blocks
-        # (parent digest, the block's tokens) -> (its digest, its low 64 bits); unsalted
-        # blocks only (a salt is on the first block, its children differ by their parent).
-        self._known: dict[tuple[bytes, tuple[int, ...]], tuple[bytes, int]] = {}
+        # parent digest -> (the tokens of the child block hashed last, (its digest, its
+        # low 64 bits)): one child per parent (a parent's other children are hashed
+        # again), keyed by bytes whose hash Python keeps, and checked token by token.
+        # Unsalted blocks only (a salt is on the first block; its children differ by
+        # their parent).
+        # Two generations of half the size each: when the newer is full, the older is
+        # dropped whole (O(1), where evicting entry by entry from a dict's front is not).
+        self._known: dict[bytes, tuple[tuple[int, ...], tuple[bytes, int]]] = {}
+        self._older: dict[bytes, tuple[tuple[int, ...], tuple[bytes, int]]] = {}
+        self._generation = max(1, cache_blocks // 2)
 
     def _chain(self, token_ids: Sequence[int], cache_salt: str | None) -> list[tuple[bytes, int]]:
         size = self.block_size
@@ -82,22 +93,29 @@ class BlockHasher:
         known = self._known
         digest = self._hash
         out: list[tuple[bytes, int]] = []
+        # After the first block not remembered, none of its children can be (their
+        # parent is new): no more lookups, only remembering.
+        remembered = True
         for start in range(0, len(token_ids) - size + 1, size):
             block = tuple(token_ids[start : start + size])
             if start == 0 and cache_salt:
                 d = digest((parent, block, (("cache_salt", cache_salt),)))
                 entry = (d, int.from_bytes(d[-8:], "big"))
             else:
-                key = (parent, block)
-                found = known.get(key)
-                if found is None:
+                found = None
+                if remembered:
+                    found = known.get(parent) or self._older.get(parent)
+                if found is not None and found[0] == block:
+                    entry = found[1]
+                    known[parent] = found  # (again) in the newer generation
+                else:
+                    remembered = False
                     d = digest((parent, block, None))
                     entry = (d, int.from_bytes(d[-8:], "big"))
-                    if len(known) >= self._cache_blocks:
-                        del known[next(iter(known))]  # the oldest remembered
-                    known[key] = entry
-                else:
-                    entry = found
+                    known[parent] = (block, entry)
+                if len(known) >= self._generation:  # the older generation goes
+                    self._older, known = known, {}
+                    self._known = known
             out.append(entry)
             parent = entry[0]
         return out
