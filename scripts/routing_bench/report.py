@@ -10,6 +10,7 @@ from typing import Any
 from .systems import DECISIONS, SYSTEMS
 
 CHART = "routing.png"
+REQUESTS = "routing.requests.json"  # each request of each row (scripts/routing_bench/run.py)
 ANALYSIS = "## What the numbers show"  # the hand-written part below the tables
 NAN = float("nan")
 # Not measured in this run: ../shared/DYNAMO_ON_CPU.md's figures (2026-12-01, this kind
@@ -131,7 +132,60 @@ def table(results: dict[str, Any], workload: str) -> list[str]:
     return lines
 
 
-def markdown(results: dict[str, Any], analysis: str = "") -> str:
+def joined(per_request: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each request's TTFT (s), prompt length and send time, with kv_aware's route for
+    it where the log had one. The routes are in the order the proxy routed them, the
+    requests in the order they were sent: matched by prompt length a few places apart."""
+    ttfts, lens, starts = (per_request.get(k) or [] for k in ("ttfts", "input_lens",
+                                                              "start_times"))  # fmt: skip
+    routes = per_request.get("routes") or []
+    order = sorted(range(len(ttfts)), key=lambda i: starts[i])
+    t0 = min(starts) if starts else 0.0
+    used: set[int] = set()
+    out = []
+    for k, i in enumerate(order):
+        route = None
+        for j in range(max(0, k - 8), min(len(routes), k + 9)):
+            if j not in used and routes[j]["prompt_tokens"] == lens[i]:
+                used.add(j)
+                route = routes[j]
+                break
+        out.append({"ttft_s": ttfts[i], "prompt_tokens": lens[i], "sent_s": starts[i] - t0,
+                    "route": route})  # fmt: skip
+    return out
+
+
+def slowest(per_request: dict[str, Any], k: int = 6) -> list[str]:
+    """The k slowest requests of a row by TTFT, as a table."""
+    rows = sorted(joined(per_request), key=lambda r: -r["ttft_s"])[:k]
+    lines = [
+        "| TTFT s | sent at s | prompt tokens | route | decode holds | prefill | it holds "
+        "| queued there |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        route = r["route"] or {}
+        lines.append(
+            f"| {r['ttft_s']:.2f} | {r['sent_s']:.1f} | {r['prompt_tokens']} "
+            f"| {route.get('decision', '?')} | {route.get('decode_holds', '?')} "
+            f"| {route.get('prefill') if route.get('decision') == 'prefill' else '-'} "
+            f"| {route.get('prefill_holds', '?')} | {route.get('prefill_queued', '?')} |"
+        )
+    return lines
+
+
+def slow_legs(row: dict[str, Any], over_s: str = "10.0") -> str:
+    """How many of a row's prefill legs took longer than ``over_s`` (the proxy's own
+    pd_prefill_seconds), of how many."""
+    buckets = row.get("counters", {}).get("prefill_leg_s") or {}
+    if "+Inf" not in buckets or over_s not in buckets:
+        return "-"
+    return f"{buckets['+Inf'] - buckets[over_s]:.0f} of {buckets['+Inf']:.0f}"
+
+
+def markdown(
+    results: dict[str, Any], analysis: str = "", requests: dict[str, Any] | None = None
+) -> str:
     s = results["settings"]
     ideal = results["ideal"]
     r = ratios(results)
@@ -180,6 +234,7 @@ def markdown(results: dict[str, Any], analysis: str = "") -> str:
         "",
         *table(results, "shared-prefix"),
         "",
+        *slow_requests(results, requests or {}),
         "## Targets",
         "",
         "| target | bound | measured | |",
@@ -193,6 +248,28 @@ def markdown(results: dict[str, Any], analysis: str = "") -> str:
         "",
     ]
     return "\n".join(lines) + ("\n" + analysis if analysis else "")
+
+
+def slow_requests(results: dict[str, Any], requests: dict[str, Any]) -> list[str]:
+    """kv_aware's slowest requests per workload, and the slow prefill legs per row."""
+    lines = []
+    for workload, rows in requests.items():
+        if "kv_aware" not in rows:
+            continue
+        legs = ", ".join(f"{system} {slow_legs(row)}"
+                         for system, row in results.get("rows", {}).get(workload, {}).items()
+                         if "error" not in row)  # fmt: skip
+        lines += [
+            f"### {workload}: kv_aware's slowest requests (routing.requests.json)",
+            "",
+            "Each with the route the proxy logged for it: what decode and the best prefill "
+            "instance held of its prompt then, and the prompt tokens queued there. Prefill "
+            f"legs over 10 s (`pd_prefill_seconds`): {legs}.",
+            "",
+            *slowest(rows["kv_aware"]),
+            "",
+        ]
+    return lines
 
 
 def write_report(results: dict[str, Any], out_dir: Path) -> None:
@@ -211,4 +288,6 @@ def write_markdown(results: dict[str, Any], out_dir: Path) -> None:
     analysis = ""
     if md.exists() and ANALYSIS in md.read_text():
         analysis = md.read_text()[md.read_text().index(ANALYSIS) :]
-    md.write_text(markdown(results, analysis))
+    requests_file = out_dir / REQUESTS
+    requests = json.loads(requests_file.read_text()) if requests_file.exists() else {}
+    md.write_text(markdown(results, analysis, requests))

@@ -17,10 +17,9 @@ from pd.serve_process import PdServeProcess
 
 from . import systems, workloads
 from .replay import replay
-from .report import write_report
+from .report import REQUESTS, write_report
 from .settings import BLOCK_SIZE, Settings
 
-REQUESTS = "routing.requests.json"
 SHARED_PREFIX_SEC_MULTIPLIER = 0.001  # its timestamps are the Poisson arrivals, in ms
 
 
