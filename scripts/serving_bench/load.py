@@ -4,6 +4,7 @@ system, with the machine's CPU time and the decode engine's token gaps around it
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -76,8 +77,11 @@ def measure(
     (pd) how many first tokens came from the prefill leg."""
     handoffs = scrape.first_token_handoffs(url) if system.is_pd else None
     itl_before = scrape.engine_itl_buckets(system.decode_url)
+    load_before = os.getloadavg()[0]
     with CpuMeter() as meter:
         result = run_workload(url, model, settings, workload, workdir, seed)
+    # Other work on the machine shows here first (the run's own processes count too).
+    result["load_average_1m"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     result["cpu_cores"] = {g: round(v / meter.wall_s, 3) for g, v in meter.seconds.items()}
     result["run_queue_wait"] = {g: round(v / meter.wall_s, 4) for g, v in meter.waited_s.items()}
     itl_after = scrape.engine_itl_buckets(system.decode_url)

@@ -48,7 +48,8 @@ def write_report(
         *latency_table(results),
         "", "Workloads:", *(f"- {w}: {KNOWN_WORKLOADS[w].description}" for w in _workloads(results)
           if w in KNOWN_WORKLOADS),
-        *handoff_lines(results), *overhead_lines(overhead, settings.overhead_prompt_len),
+        *handoff_lines(results), *load_average_lines(results),
+        *overhead_lines(overhead, settings.overhead_prompt_len),
         *cpu_table(results), *itl_table(results),
         "", f"![TTFT, inter-token latency and throughput per workload]({CHART})", "",
     ]  # fmt: skip
@@ -91,6 +92,18 @@ def latency_table(results: Results) -> list[str]:
                 f"{vs_base} | {vs_stock} |"
             )
     return lines
+
+
+def load_average_lines(results: Results) -> list[str]:
+    """The machine's 1-minute load average before and after each run that recorded it."""
+    shown = [f"{w} {system}: {r['load_average_1m'][0]:g} -> {r['load_average_1m'][1]:g}"
+             for w in _workloads(results) for system, r in results[w].items()
+             if r.get("load_average_1m")]  # fmt: skip
+    if not shown:
+        return []
+    return ["", "The machine's 1-minute load average before -> after each run (2 cores; "
+            "the system's own processes and the load generator count): "
+            + "; ".join(shown)]  # fmt: skip
 
 
 def handoff_lines(results: Results) -> list[str]:
@@ -137,8 +150,9 @@ def overhead_lines(overhead: dict[str, Any], prompt_len: int) -> list[str]:
             )
         if timeline := o.get("timeline"):
             lines.append(
-                f"  - where it goes, per process (pd.transfer.timeline marks, p50 of each step over "
-                f"{timeline['requests']} sequential requests, ms since the previous step):"
+                f"  - where it goes, per process (pd.transfer.timeline marks, p50 of each "
+                f"step over {timeline['requests']} sequential requests, ms since the previous "
+                "step):"
             )
             lines += [f"    - {step}: {ms:.2f}" for step, ms in timeline.items()
                       if step != "requests"]  # fmt: skip
