@@ -78,6 +78,8 @@ def measure(
     handoffs = scrape.first_token_handoffs(url) if system.is_pd else None
     itl_before = scrape.engine_itl_buckets(system.decode_url)
     load_before = os.getloadavg()[0]
+    instances = {"decode": system.decode_url, "prefill": system.prefill_url}
+    waits = {role: (url, scrape.wait_totals(url)) for role, url in instances.items() if url}
     with CpuMeter() as meter:
         result = run_workload(url, model, settings, workload, workdir, seed)
     # Other work on the machine shows here first (the run's own processes count too).
@@ -85,6 +87,11 @@ def measure(
     result["cpu_cores"] = {g: round(v / meter.wall_s, 3) for g, v in meter.seconds.items()}
     result["run_queue_wait"] = {g: round(v / meter.wall_s, 4) for g, v in meter.waited_s.items()}
     itl_after = scrape.engine_itl_buckets(system.decode_url)
+    # Which instance the requests queued on (a backlog shows here as a growing queue).
+    result["instance_wait_mean_ms"] = {
+        role: scrape.wait_means_ms(before, scrape.wait_totals(url))
+        for role, (url, before) in waits.items()
+    }
     result["engine_itl_ms_at_most"] = {
         f"p{q}": scrape.bucket_quantile_ms(itl_before, itl_after, q / 100) for q in (50, 90, 99)
     }

@@ -50,7 +50,7 @@ def write_report(
           if w in KNOWN_WORKLOADS),
         *handoff_lines(results), *load_average_lines(results),
         *overhead_lines(overhead, settings.overhead_prompt_len),
-        *cpu_table(results), *itl_table(results),
+        *cpu_table(results), *itl_table(results), *wait_table(results),
         "", f"![TTFT, inter-token latency and throughput per workload]({CHART})", "",
     ]  # fmt: skip
     report = out_dir / "serving.md"
@@ -104,6 +104,28 @@ def load_average_lines(results: Results) -> list[str]:
     return ["", "The machine's 1-minute load average before -> after each run (2 cores; "
             "the system's own processes and the load generator count): "
             + "; ".join(shown)]  # fmt: skip
+
+
+def wait_table(results: Results) -> list[str]:
+    """Where the requests queued: each P/D instance's mean wait to be scheduled and its
+    mean time from scheduled to first token (vLLM's per-request histograms)."""
+    rows = []
+    for w in _workloads(results):
+        for system, r in results[w].items():
+            waits = r.get("instance_wait_mean_ms") or {}
+            if "prefill" not in waits:
+                continue
+            cells = [f"{waits.get(role, {}).get(key, float('nan')):.0f}"
+                     for role in ("prefill", "decode") for key in ("queue", "prefill")]  # fmt: skip
+            rows.append(f"| {w} | {system} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return ["", "Where the requests waited, P/D systems, mean ms per request (vLLM's "
+            "`request_queue_time` and `request_prefill_time` on each instance; decode's "
+            "queue includes the KV load; a mixed workload's numbers cover both streams):", "",
+            "| workload | system | prefill: queued | prefill: computing | decode: queued "
+            "| decode: to first token |", "| --- | --- | ---: | ---: | ---: | ---: |",
+            *rows]  # fmt: skip
 
 
 def handoff_lines(results: Results) -> list[str]:

@@ -47,6 +47,34 @@ def decode_sums(decode_url: str) -> dict[str, float]:
     return totals
 
 
+# Where an instance's requests waited: vLLM's per-request histograms, read as means.
+WAITS = {
+    "queue": "vllm:request_queue_time_seconds",  # arrival -> scheduled (a KV load included)
+    "prefill": "vllm:request_prefill_time_seconds",  # scheduled -> first token
+}
+
+
+def wait_totals(url: str) -> dict[str, float]:
+    """The instance's running ``<key>_sum`` and ``<key>_count`` of WAITS."""
+    totals = {f"{k}_{part}": 0.0 for k in WAITS for part in ("sum", "count")}
+    for line in metrics_text(url).splitlines():
+        for key, name in WAITS.items():
+            for part in ("sum", "count"):
+                if line.startswith(f"{name}_{part}"):
+                    totals[f"{key}_{part}"] += float(line.rsplit(" ", 1)[1])
+    return totals
+
+
+def wait_means_ms(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Mean ms per request finished between two wait_totals() readings."""
+    means = {}
+    for key in WAITS:
+        count = after[f"{key}_count"] - before[f"{key}_count"]
+        if count > 0:
+            means[key] = round(1000 * (after[f"{key}_sum"] - before[f"{key}_sum"]) / count, 1)
+    return means
+
+
 def proxy_own_time_buckets(url: str, client: httpx.Client) -> dict[float, float]:
     """The proxy's pd_proxy_overhead_seconds histogram: upper bound -> cumulative count."""
     return histogram(metrics_text(url, client), "pd_proxy_overhead_seconds")

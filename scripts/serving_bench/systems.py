@@ -56,6 +56,7 @@ def system_order(name: str) -> int:
 class System(ABC):
     name: str
     decode_url: str  # the vLLM instance that generates the tokens after the first
+    prefill_url: str | None = None  # a P/D system's prefill instance
     is_pd = False  # behind pd's proxy: its metrics count first-token handoffs
 
     def __init__(self, settings: Settings) -> None:
@@ -169,7 +170,7 @@ class StockVllmPD(System):
         for server in self.servers:
             server.wait_ready()
         prefill, decode = self.servers
-        self.decode_url = decode.url
+        self.prefill_url, self.decode_url = prefill.url, decode.url
         self.proxy = DisaggProxy(prefill.url, decode.url)
         return self.proxy.start()
 
