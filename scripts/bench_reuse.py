@@ -10,6 +10,8 @@ bench/results/reuse.md, reuse.json and reuse.png. The parts are in scripts/reuse
     .venv/bin/python scripts/bench_reuse.py
     .venv/bin/python scripts/bench_reuse.py --replot   # reuse.png (and .md) from reuse.json
     .venv/bin/python scripts/bench_reuse.py --smoke    # tiny model, a minute or two, a temp dir
+    .venv/bin/python scripts/bench_reuse.py --parts trace,step  # rerun those, merged
+                                                    # into --out-dir's reuse.json
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ import json
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from reuse_bench.report import CHART, write_markdown
 from reuse_bench.report import write_report as write_results
-from reuse_bench.run import run
+from reuse_bench.run import PARTS, part_of, run
 from reuse_bench.settings import FULL, SMOKE
 
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
@@ -39,7 +42,15 @@ def main(argv: list[str] | None = None) -> int:
         "--smoke", action="store_true",
         help="tiny model, small sizes, a trace prefix; results in a temp dir",
     )  # fmt: skip
+    parser.add_argument(
+        "--parts", default=",".join(PARTS),
+        help=f"comma-separated subset of {','.join(PARTS)}; a subset replaces those parts "
+        "of the reuse.json already in --out-dir and keeps the rest",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    parts = tuple(p for p in args.parts.split(",") if p)
+    if not parts or set(parts) - set(PARTS):
+        parser.error(f"--parts: a comma-separated subset of {','.join(PARTS)}")
     if args.replot:
         out_dir = args.out_dir or RESULTS
         if not (out_dir / "reuse.json").exists():
@@ -57,14 +68,48 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--smoke never writes over {RESULTS}")
     else:
         out_dir = args.out_dir or RESULTS
+    earlier = None
+    if set(parts) != set(PARTS):
+        if not (out_dir / "reuse.json").exists():
+            parser.error(f"--parts {args.parts}: no reuse.json in {out_dir} to merge into")
+        earlier = json.loads((out_dir / "reuse.json").read_text())
     command = " ".join([".venv/bin/python scripts/bench_reuse.py", *sys.argv[1:]])
-    results, failed = run(SMOKE if args.smoke else FULL, command)
+    results, failed = run(SMOKE if args.smoke else FULL, command, parts)
+    if earlier is not None:
+        results = merge(earlier, results, parts)
     write_results(results, out_dir)
     print(f"wrote {out_dir / 'reuse.md'}")
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
+
+
+def merge(earlier: dict[str, Any], rerun: dict[str, Any], parts: tuple[str, ...]) -> dict[str, Any]:
+    """``earlier`` with ``parts`` replaced by ``rerun``'s (their phases too); the rerun's
+    command, time, machine and parts go to ``reruns``."""
+    if earlier["settings"] != rerun["settings"]:
+        raise SystemExit("--parts: the earlier reuse.json was run with other settings")
+    merged = dict(earlier)
+    if "docqa" in parts:
+        merged["docqa"] = rerun["docqa"]
+    if "trace" in parts:
+        merged["trace"] = rerun["trace"]
+    micro = dict(earlier.get("micro", {}))
+    if "lookup" in parts:
+        micro["lookup_on_miss"] = rerun["micro"].get("lookup_on_miss", {})
+    if "step" in parts:
+        micro["step_time"] = rerun["micro"]["step_time"]
+    merged["micro"] = micro
+    kept = [p for p in earlier.get("phases", []) if p.get("part", part_of(p["phase"])) not in parts]
+    rerun_phases = [{**p, "rerun": True} for p in rerun["phases"]]
+    merged["phases"] = kept + rerun_phases
+    merged["reruns"] = [*earlier.get("reruns", []), {
+        "command": rerun["command"], "started": rerun["started"], "parts": list(parts),
+        "machine": rerun["machine"]}]  # fmt: skip
+    if rerun.get("errors"):
+        merged["errors"] = [*earlier.get("errors", []), *rerun["errors"]]
+    return merged
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ import json
 import os
 import shutil
 import signal
+import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,6 +32,7 @@ from pd.connector.store_side import (
     StoreWorker,
     extra_store_config,
 )
+from pd.store.blocks import gather_block
 from pd.store.client import StoreClient
 from pd.store.config import StoreConfig
 from pd.store.spawn import ping
@@ -259,3 +262,174 @@ def test_cluster_store_section_reaches_every_instances_connector(tmp_path: Path)
     assert extra_store_config({"host_gib": 0}) is None  # no tier: no store
     with pytest.raises(ValueError, match=r"store\.disk_gib"):
         extra_store_config({"disk_gib": -1})
+
+
+class Tally:
+    """A worker's counters summed over snapshots (each snapshot takes what it reads)."""
+
+    def __init__(self, counters: TransferCounters) -> None:
+        self._counters = counters
+        self._totals: dict[str, float] = {}
+
+    def __getitem__(self, name: str) -> float:
+        stats = self._counters.snapshot()
+        for key, value in (stats.data if stats is not None else {}).items():
+            if isinstance(value, int | float):
+                self._totals[key] = self._totals.get(key, 0) + value
+        return self._totals.get(name, 0)
+
+
+def stored_prefix(config: StoreConfig, hashes: list[bytes]) -> int:
+    return StoreClient(config).lookup(NS, hashes).num_blocks
+
+
+def wait_for(condition, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting: {what}"
+        time.sleep(0.05)
+
+
+def test_a_save_sends_only_the_blocks_the_store_lacks(config: StoreConfig) -> None:
+    hashes = block_hashes(4, seed="half-stored")
+    layout, _ = make_layout(seed=4)
+    client = StoreClient(config)
+    client.register(NS)
+    # Another instance stored the first two blocks (its bytes: another cache's).
+    assert client.put_many(NS, [(h, bytes(layout.bytes_per_block)) for h in hashes[:2]]) == 2
+    counters = TransferCounters()
+    worker = StoreWorker(StoreClient(config), NS, layout, counters, None)
+    try:
+        worker.submit([], [StoreBlocks("h", tuple(hashes), (4, 5, 6, 7))])
+        results_until(worker, lambda r: "h" in r.copied_saves)
+        wait_for(lambda: stored_prefix(config, hashes) == 4, "the last two blocks stored")
+        tally = Tally(counters)
+        wait_for(lambda: tally["store_blocks_stored"] == 2, "the save counted")
+        assert tally["store_saves_already_stored"] == 2
+        assert tally["store_save_failures"] == 0
+        # The blocks it held were not sent again: still the other instance's bytes.
+        first, *_, last = client.get_many(NS, hashes)
+        assert first == bytes(layout.bytes_per_block)
+        assert last == bytes(gather_block(layout, 7))
+    finally:
+        worker.close()
+
+
+def test_the_scheduler_never_saves_what_its_lookup_found(config: StoreConfig) -> None:
+    hashes = block_hashes(3, seed="found")
+    client = StoreClient(config)
+    client.register(NS)
+    assert client.put_many(NS, [(h, b"x" * 64) for h in hashes[:2]]) == 2
+    scheduler = StoreScheduler(StoreClient(config), NS, BLOCK_SIZE, save_decode=False)
+    try:
+        request = FakeRequest("k", num_tokens=3 * BLOCK_SIZE + 1, block_hashes=hashes)
+        assert scheduler.get_num_new_matched_tokens(request, 0) == (2 * BLOCK_SIZE, True)
+        # vLLM found room for none of it (or loaded none): the request computed all.
+        scheduler.update_state_after_alloc(request, FakeBlocks([1, 2, 3, 4]), 0)
+        request.num_computed_tokens = request.num_tokens
+        request.status = RequestStatus.FINISHED_STOPPED
+        assert scheduler.request_finished(request, [1, 2, 3, 4], reports_completion=True)
+        _, saves = scheduler.take()
+        assert [s.block_hashes for s in saves] == [(hashes[2],)]
+        assert [s.block_ids for s in saves] == [(3,)]
+    finally:
+        scheduler.close()
+
+
+def test_puts_wait_while_the_engine_steps_but_copies_do_not(
+    config: StoreConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_side, "ENGINE_QUIET_S", 0.5)
+    monkeypatch.setattr(store_side, "MAX_DEFER_S", 3600.0)
+    hashes = block_hashes(2, seed="deferred")
+    layout, _ = make_layout(seed=5)
+    worker = StoreWorker(StoreClient(config), NS, layout, TransferCounters(), None)
+    try:
+        worker.submit([], [StoreBlocks("d", tuple(hashes), (8, 9))])
+        # The engine steps every 20 ms: the blocks are copied (and freed) at once...
+        copied: set[str] = set()
+        stepping_until = time.monotonic() + 2.0
+        while time.monotonic() < stepping_until:
+            copied |= worker.take_results().copied_saves
+            time.sleep(0.02)
+        assert copied == {"d"}
+        # ...but not put while it steps: never quiet for ENGINE_QUIET_S.
+        assert stored_prefix(config, hashes) == 0
+        # The engine goes quiet: the put goes out.
+        wait_for(lambda: stored_prefix(config, hashes) == 2, "the deferred put")
+    finally:
+        worker.close()
+
+
+def test_a_full_put_queue_skips_and_counts(
+    config: StoreConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    layout, _ = make_layout(seed=6)
+    # Room for one block of copied bytes: a two-block save never fits.
+    monkeypatch.setattr(store_side, "PUT_QUEUE_MAX_BYTES", layout.bytes_per_block)
+    hashes = block_hashes(2, seed="no-room")
+    counters = TransferCounters()
+    worker = StoreWorker(StoreClient(config), NS, layout, counters, None)
+    try:
+        worker.submit([], [StoreBlocks("p", tuple(hashes), (1, 2))])
+        assert results_until(worker, lambda r: "p" in r.copied_saves).copied_saves == {"p"}
+        tally = Tally(counters)
+        wait_for(lambda: tally["store_saves_skipped"] == 2, "the skip counted")
+        worker.close()  # puts what was queued: nothing
+        assert stored_prefix(config, hashes) == 0
+        assert tally["store_blocks_stored"] == 0
+    finally:
+        worker.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
+def test_the_putter_thread_runs_at_a_lower_priority(config: StoreConfig) -> None:
+    layout, _ = make_layout(seed=None)
+    worker = StoreWorker(StoreClient(config), NS, layout, TransferCounters(), None)
+    try:
+        (putter,) = [t for t in threading.enumerate() if t.name == "pd-store-put"]
+        (copier,) = [t for t in threading.enumerate() if t.name == "pd-store-copy"]
+        assert putter.native_id is not None and copier.native_id is not None
+        own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        wait_for(
+            lambda: (
+                os.getpriority(os.PRIO_PROCESS, putter.native_id)
+                == max(own, store_side.PUTTER_NICE)
+            ),
+            "the putter's nice value",
+        )
+        # The copier holds KV blocks until it is done: it keeps the engine's priority.
+        assert os.getpriority(os.PRIO_PROCESS, copier.native_id) == own
+    finally:
+        worker.close()
+
+
+def test_a_request_asked_about_again_reuses_its_lookup(config: StoreConfig) -> None:
+    hashes = block_hashes(3, seed="asked-twice")
+    client = StoreClient(config)
+    client.register(NS)
+    assert client.put_many(NS, [(h, b"x" * 64) for h in hashes]) == 3
+    scheduler = StoreScheduler(StoreClient(config), NS, BLOCK_SIZE, save_decode=False)
+
+    def store_lookups() -> int:
+        stats = client.stats()
+        assert stats is not None
+        return stats.lookups
+
+    try:
+        request = FakeRequest("r", num_tokens=3 * BLOCK_SIZE + 1, block_hashes=hashes)
+        before = store_lookups()
+        assert scheduler.get_num_new_matched_tokens(request, 0) == (3 * BLOCK_SIZE, True)
+        # No room for it this step: vLLM asks again next step, and the step after.
+        assert scheduler.get_num_new_matched_tokens(request, 0) == (3 * BLOCK_SIZE, True)
+        assert scheduler.get_num_new_matched_tokens(request, 0) == (3 * BLOCK_SIZE, True)
+        assert store_lookups() == before + 1
+        # Another starting point is another question.
+        assert scheduler.get_num_new_matched_tokens(request, BLOCK_SIZE) == (2 * BLOCK_SIZE, True)
+        assert store_lookups() == before + 2
+        # Allocated, then preempted and asked again: the store is asked afresh.
+        scheduler.update_state_after_alloc(request, FakeBlocks([1, 2, 3, 4]), 2 * BLOCK_SIZE)
+        assert scheduler.get_num_new_matched_tokens(request, 0) == (3 * BLOCK_SIZE, True)
+        assert store_lookups() == before + 3
+    finally:
+        scheduler.close()

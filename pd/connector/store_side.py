@@ -16,11 +16,14 @@ Worker side (``StoreWorker``, each worker process)
     Saves: ``request_finished`` keeps the request's blocks allocated (delay free) until
     the worker copied them out. A copy on the engine thread in ``start_load_kv`` would
     not be safe: vLLM starts loads after launching the step's forward, which may
-    already be writing freed blocks reused by a new request. So a saver thread copies
-    the held blocks to host buffers, reports the request done (its blocks are freed at
-    the next step), then hands the buffers to the store (``put_many``, a few blocks
-    per call). Its queue is bounded: a full queue skips the save and counts it; the
-    engine never waits.
+    already be writing freed blocks reused by a new request. So a copier thread
+    copies the held blocks into one host array per request (``gather_blocks``) and
+    reports the request done (its blocks are freed at the next step); a putter thread,
+    at a lower priority, then asks the store which leading blocks it already holds
+    (another instance may have saved them) and puts the rest, a few blocks per call,
+    each put deferred while the engine is stepping (at most ``MAX_DEFER_S``). Both
+    queues are bounded (requests to copy, bytes to put): a full one skips the save
+    and counts it; the engine never waits.
 
 Only requests that do not load from a prefill peer (no ``do_remote_prefill``) use the
 store's loads; a P/D prefill instance loads stored prefixes like any other instance.
@@ -30,13 +33,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from pd.store.config import StoreConfig
 from pd.store.keys import StoreNamespace, weights_identity
@@ -57,11 +63,27 @@ logger = logging.getLogger(__name__)
 
 # Hashes the scheduler knows are stored (loaded or saved by it), not saved again.
 KNOWN_STORED_MAX = 65536
-# Finished requests waiting for the saver thread; more are skipped and counted.
+# A request's lookup answer is reused for its next ask within this long (vLLM asks
+# again each step while it cannot allocate the request's blocks); RECENT_LOOKUPS_MAX
+# bounds the answers kept (a request that is never allocated nor finished is dropped).
+LOOKUP_REUSE_S = 1.0
+RECENT_LOOKUPS_MAX = 1024
+# Finished requests waiting for the copier thread; more are skipped and counted.
 SAVE_QUEUE_MAX = 32
+# Copied blocks waiting for the putter thread, in bytes; a save past it is skipped
+# and counted (the engine never waits, and a store that cannot keep up costs misses).
+PUT_QUEUE_MAX_BYTES = 256 * 2**20
 # Blocks per put: a 2k-token prompt of the small model (16 MiB) goes as 4 puts, so
 # the store answers another instance's get between them and frees each chunk sooner.
 SAVE_CHUNK_BLOCKS = 4
+# The putter yields to the engine: before each put it waits for the engine to be
+# quiet (no step ended for ENGINE_QUIET_S), at most MAX_DEFER_S, so puts land in
+# the gaps between bursts of work and, under steady load, one per MAX_DEFER_S.
+ENGINE_QUIET_S = 0.02
+MAX_DEFER_S = 0.1
+# The putter thread's nice value (Linux: per thread): the kernel gives the engine's
+# threads the cores first. The copier keeps the default: it holds KV blocks.
+PUTTER_NICE = 10
 
 
 def store_namespace(
@@ -167,6 +189,9 @@ class StoreScheduler:
         self._block_size = block_size
         self._save_decode = save_decode
         self._pending: dict[str, _PendingLoad] = {}
+        # request id -> ((first block, blocks asked), answer, good until): a request
+        # vLLM could not allocate is asked about again next step, at the queue's head.
+        self._recent: dict[str, tuple[tuple[int, int], PrefixHit, float]] = {}
         self._loads: list[StoreBlocks] = []
         self._saves: list[StoreBlocks] = []
         self._known: OrderedDict[bytes, None] = OrderedDict()
@@ -184,19 +209,31 @@ class StoreScheduler:
         self._pending.pop(request.request_id, None)
         if not hashes:
             return 0, False
-        started = time.perf_counter()
-        found = self._client.lookup(self._namespace, hashes)
-        self.counters.observe(store_lookup_seconds=time.perf_counter() - started)
+        now = time.monotonic()
+        recent = self._recent.get(request.request_id)
+        if recent is not None and recent[0] == (first, len(hashes)) and now < recent[2]:
+            # Asked again (vLLM found no room for it last step): the answer a moment
+            # ago stands; a block evicted since fails its load and is recomputed.
+            found = recent[1]
+        else:
+            started = time.perf_counter()
+            found = self._client.lookup(self._namespace, hashes)
+            self.counters.observe(store_lookup_seconds=time.perf_counter() - started)
+            self.counters.add(**lookup_counts(len(hashes), found, self._block_size))
+            self._recent[request.request_id] = ((first, len(hashes)), found, now + LOOKUP_REUSE_S)
+            while len(self._recent) > RECENT_LOOKUPS_MAX:
+                self._recent.pop(next(iter(self._recent)))
         hit = found.num_blocks
-        self.counters.add(**lookup_counts(len(hashes), found, self._block_size))
         if hit == 0:
             return 0, False
+        self._remember(hashes[:hit])  # stored: never saved again, loaded or not
         self._pending[request.request_id] = _PendingLoad(first, hashes[:hit])
         return hit * self._block_size, True
 
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
     ) -> None:
+        self._recent.pop(request.request_id, None)  # allocated: no lookup again
         pending = self._pending.pop(request.request_id, None)
         if pending is None or num_external_tokens == 0:
             return
@@ -225,6 +262,7 @@ class StoreScheduler:
         from vllm.v1.request import RequestStatus
 
         self._pending.pop(request.request_id, None)
+        self._recent.pop(request.request_id, None)
         if request.status == RequestStatus.WAITING_FOR_REMOTE_KVS:
             return False  # its blocks are still being filled: nothing valid to save
         tokens = request.num_computed_tokens
@@ -322,10 +360,19 @@ class StoreWorker:
         self._in_flight = 0
         self._lock = threading.Lock()
         self._copying: set[str] = set()  # saves not copied out yet
+        # Copied saves for the putter; _put_bytes is what they (and the put under way) hold.
+        self._puts: deque[_Copied] = deque()
+        self._put_bytes = 0
+        self._put_cond = threading.Condition()
+        self._closing = False
+        # When the engine last ended a step (take_results runs once per step): the
+        # putter defers to a stepping engine.
+        self._last_step = 0.0
         client.register(namespace)
         self._threads = [
             threading.Thread(target=self._load_loop, name="pd-store-load", daemon=True),
-            threading.Thread(target=self._save_loop, name="pd-store-save", daemon=True),
+            threading.Thread(target=self._copy_loop, name="pd-store-copy", daemon=True),
+            threading.Thread(target=self._put_loop, name="pd-store-put", daemon=True),
         ]
         for thread in self._threads:
             thread.start()
@@ -356,6 +403,9 @@ class StoreWorker:
             self._loads.put(load)
 
     def take_results(self) -> StoreResults:
+        """Called on the engine thread once per step (also how the putter tells the
+        engine is busy)."""
+        self._last_step = time.monotonic()
         results = StoreResults()
         while True:
             try:
@@ -369,8 +419,9 @@ class StoreWorker:
                 results.copied_saves.add(blocks.request_id)
 
     def close(self) -> None:
+        """Stop the threads; copied saves still queued are put first (bounded wait)."""
         self._loads.put(None)
-        with contextlib.suppress(queue.Full):  # the saver is stuck: it is a daemon thread
+        with contextlib.suppress(queue.Full):  # the copier is stuck: it is a daemon thread
             self._saves.put(None, timeout=5)
         for thread in self._threads:
             thread.join(timeout=10)
@@ -428,34 +479,99 @@ class StoreWorker:
         )
         return failed
 
-    def _save_loop(self) -> None:
-        from pd.store.blocks import gather_block
+    def _copy_loop(self) -> None:
+        from pd.store.blocks import gather_blocks
 
-        while (save := self._saves.get()) is not None:
-            items: list[tuple[bytes, bytearray]] = []
-            started = time.perf_counter()
+        try:
+            while (save := self._saves.get()) is not None:
+                started = time.perf_counter()
+                rows = None
+                try:
+                    if self._usable:
+                        rows = gather_blocks(self._layout, save.block_ids)
+                except Exception:
+                    logger.exception(
+                        "pd: copying %s's blocks for the store failed", save.request_id
+                    )
+                finally:
+                    self._done(save, False, set())  # the blocks may be freed now
+                if rows is not None:
+                    self._queue_put(_Copied(save.block_hashes, rows, started))
+        finally:
+            with self._put_cond:
+                self._closing = True
+                self._put_cond.notify_all()
+
+    def _queue_put(self, copied: _Copied) -> None:
+        with self._put_cond:
+            if self._put_bytes + copied.rows.nbytes > PUT_QUEUE_MAX_BYTES:
+                self._counters.add(store_saves_skipped=len(copied.block_hashes))
+                return
+            self._puts.append(copied)
+            self._put_bytes += copied.rows.nbytes
+            self._put_cond.notify()
+
+    def _put_loop(self) -> None:
+        lower_thread_priority(PUTTER_NICE)
+        while True:
+            with self._put_cond:
+                while not self._puts and not self._closing:
+                    self._put_cond.wait()
+                if not self._puts:
+                    return
+                copied = self._puts.popleft()
             try:
-                if self._usable:
-                    items = [
-                        (block_hash, gather_block(self._layout, block_id))
-                        for block_hash, block_id in zip(
-                            save.block_hashes, save.block_ids, strict=True
-                        )
-                    ]
+                self._put(copied)
             except Exception:
-                logger.exception("pd: copying %s's blocks for the store failed", save.request_id)
-                items = []
+                logger.exception("pd: putting blocks into the store failed")
             finally:
-                self._done(save, False, set())  # the blocks may be freed now
-            if not items:
-                continue
-            stored = sum(
-                self._client.put_many(self._namespace, items[i : i + SAVE_CHUNK_BLOCKS])
-                for i in range(0, len(items), SAVE_CHUNK_BLOCKS)
+                with self._put_cond:
+                    self._put_bytes -= copied.rows.nbytes
+
+    def _put(self, copied: _Copied) -> None:
+        hashes = list(copied.block_hashes)
+        # Blocks another instance (or an earlier save the scheduler forgot) stored
+        # meanwhile: a lookup is a few hundred bytes, a put a MiB per block.
+        held = self._client.lookup(self._namespace, hashes).num_blocks
+        stored = 0
+        for i in range(held, len(hashes), SAVE_CHUNK_BLOCKS):
+            self._defer_to_engine()
+            chunk = range(i, min(i + SAVE_CHUNK_BLOCKS, len(hashes)))
+            stored += self._client.put_many(
+                self._namespace, [(hashes[j], memoryview(copied.rows[j])) for j in chunk]
             )
-            self._counters.observe(store_save_seconds=time.perf_counter() - started)
-            self._counters.add(
-                store_blocks_stored=stored,
-                store_bytes_stored=stored * self._layout.bytes_per_block,
-                store_save_failures=len(items) - stored,
-            )
+        self._counters.observe(store_save_seconds=time.perf_counter() - copied.started)
+        self._counters.add(
+            store_blocks_stored=stored,
+            store_bytes_stored=stored * self._layout.bytes_per_block,
+            store_save_failures=len(hashes) - held - stored,
+            store_saves_already_stored=held,
+        )
+
+    def _defer_to_engine(self) -> None:
+        """Wait until the engine has been quiet for ENGINE_QUIET_S, at most MAX_DEFER_S."""
+        deadline = time.monotonic() + MAX_DEFER_S
+        while not self._closing:
+            now = time.monotonic()
+            quiet_s = now - self._last_step
+            if quiet_s >= ENGINE_QUIET_S or now >= deadline:
+                return
+            time.sleep(min(ENGINE_QUIET_S - quiet_s, deadline - now))
+
+
+@dataclass
+class _Copied:
+    """A save copied out of the KV cache: row ``i`` of ``rows`` is ``block_hashes[i]``'s."""
+
+    block_hashes: tuple[bytes, ...]
+    rows: np.ndarray
+    started: float  # perf_counter when its copy began
+
+
+def lower_thread_priority(nice: int) -> None:
+    """Raise the calling thread's nice value to ``nice`` (Linux sets it per thread);
+    never lowers it, and does nothing where the OS refuses."""
+    with contextlib.suppress(OSError, AttributeError):
+        tid = threading.get_native_id()
+        if os.getpriority(os.PRIO_PROCESS, tid) < nice:
+            os.setpriority(os.PRIO_PROCESS, tid, nice)

@@ -9,6 +9,8 @@ instance can be loaded into any block id of another whose namespace is equal
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
@@ -26,6 +28,40 @@ def gather_block(layout: KVCacheLayout, block_id: int) -> bytearray:
         view[offset : offset + nbytes].copy_(region.blocks[block_id])
         offset += nbytes
     return out
+
+
+def gather_blocks(layout: KVCacheLayout, block_ids: Sequence[int]) -> np.ndarray:
+    """Copy blocks ``block_ids`` into one new host array, row ``i`` the payload of
+    ``block_ids[i]`` (as ``gather_block`` makes it).
+
+    One copy per region for the whole list. On a CPU KV cache it is numpy's, not
+    torch's: a torch copy this size from a thread other than the engine's starts an
+    OpenMP team of its own, whose threads compete with the engine's for the same cores
+    (``gather_block`` per block and region did that hundreds of times per request).
+    """
+    n = len(block_ids)
+    if layout.device.type == "cpu":
+        out = np.empty((n, layout.bytes_per_block), dtype=np.uint8)
+        index = np.asarray(block_ids, dtype=np.intp)
+        offset = 0
+        for region in layout.regions:
+            nbytes = region.block_nbytes
+            if n and not (index.min() >= 0 and index.max() < region.num_blocks):
+                raise IndexError(f"block ids {list(block_ids)} outside 0..{region.num_blocks}")
+            # mode="clip" (the ids are checked above) writes straight into the strided
+            # out; the default mode would buffer the whole region first.
+            np.take(region.blocks.numpy(), index, axis=0, out=out[:, offset : offset + nbytes],
+                    mode="clip")  # fmt: skip
+            offset += nbytes
+        return out
+    staged = torch.empty((n, layout.bytes_per_block), dtype=torch.uint8)
+    device_index = torch.tensor(list(block_ids), dtype=torch.long, device=layout.device)
+    offset = 0
+    for region in layout.regions:
+        nbytes = region.block_nbytes
+        staged[:, offset : offset + nbytes].copy_(region.blocks.index_select(0, device_index))
+        offset += nbytes
+    return staged.numpy()
 
 
 def scatter_block(layout: KVCacheLayout, block_id: int, data: Payload) -> None:

@@ -46,7 +46,8 @@ COUNTERS: dict[str, str] = {
     "store_blocks_stored": "KV blocks saved to the node's KV store",
     "store_bytes_stored": "KV bytes saved to the node's KV store",
     "store_save_failures": "KV blocks the store did not accept",
-    "store_saves_skipped": "KV blocks not saved because the save queue was full",
+    "store_saves_skipped": "KV blocks not saved because a save queue was full",
+    "store_saves_already_stored": "KV blocks a save found already in the store (not sent)",
 }
 # The node's KV store tiers, in the order a lookup and a load try them.
 STORE_TIERS = ("host", "disk")

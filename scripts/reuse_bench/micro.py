@@ -5,12 +5,13 @@ lookup_on_miss
     scheduler makes in ``get_num_new_matched_tokens``) against the running store
     process of the benchmark's instance, holding what the other phases stored, with a
     whole max_model_len prompt's worth of block hashes that are not stored.
-step_time
+step_time_paired
     A fixed decode-heavy load (unique prompts: nothing to reuse, every prompt saved
-    by the store system) on each system; the engine's step time read as the mean of
-    vLLM's own ``vllm:inter_token_latency_seconds`` (the gap between a request's
-    tokens as its engine core produced them: one step each in decode), and the load's
-    wall time.
+    by the store system) on both systems, started side by side, in alternating rounds
+    (store then vllm, vllm then store, ...), each after the other system's saves
+    settled; the engine's step time read as the mean of vLLM's own
+    ``vllm:inter_token_latency_seconds`` (the gap between a request's tokens as its
+    engine core produced them: one step each in decode), and the load's wall time.
 """
 
 from __future__ import annotations
@@ -69,36 +70,83 @@ def lookup_on_miss(store: dict[str, Any], settings: Settings) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def step_time(server: VllmServer, settings: Settings, seed: int = 500) -> dict[str, Any]:
-    """``step_rounds`` rounds of the fixed load; per round, the engine's mean step time
-    (ms) and the load's wall time (s)."""
-    rounds = []
+# After a round: the store's puts are settled once they stopped growing for this long;
+# then a pause, so the next round's instance does not share the cores with the last
+# one's tail (vLLM's worker spins up to 1 s after its last step).
+SETTLED_S = 1.0
+PAUSE_S = 2.0
+DRAIN_MAX_S = 60.0
+
+
+def step_time_paired(
+    servers: dict[str, VllmServer], settings: Settings, store: dict[str, Any] | None,
+    seed: int = 500,
+) -> dict[str, Any]:  # fmt: skip
+    """``step_rounds`` rounds of the fixed load per system, the systems alternating
+    (each round's prompts the same for both, new each round); per system and round,
+    the engine's mean step time (ms) and the load's wall time (s)."""
+    rows: dict[str, list[dict[str, Any]]] = {system: [] for system in servers}
+    order = list(servers)
     for round_ in range(settings.step_rounds):
         rng = random.Random(seed + round_)
         prompts = [[rng.randrange(256) for _ in range(settings.step_prompt_tokens)]
                    for _ in range(settings.step_requests)]  # fmt: skip
-        before = scrape.instance_counters(server)
-        start = time.perf_counter()
-        with (
-            httpx.Client(timeout=600) as client,
-            ThreadPoolExecutor(settings.step_concurrency) as pool,
-        ):
-            answered = list(pool.map(lambda p: _complete(client, server.url, settings, p), prompts))
-        wall_s = time.perf_counter() - start
-        grown = scrape.delta(before, scrape.instance_counters(server))
-        steps = grown["itl_count"]
-        rounds.append({
-            "wall_s": wall_s,
-            "engine_step_ms": 1000 * grown["itl_sum_s"] / steps if steps else float("nan"),
-            "token_gaps": steps,
-            "output_tokens": sum(answered),
-            "blocks_stored": grown["store_blocks_stored"],
-            "saves_skipped": grown["store_saves_skipped"],
-            "loadavg_1m": os.getloadavg()[0],
-        })  # fmt: skip
-    return {"rounds": rounds,
-            "engine_step_ms": sum(r["engine_step_ms"] for r in rounds) / len(rounds),
-            "wall_s": sum(r["wall_s"] for r in rounds) / len(rounds)}  # fmt: skip
+        for system in order if round_ % 2 == 0 else order[::-1]:
+            rows[system].append(
+                _round(servers[system], settings, prompts, store if system == "store" else None)
+            )
+            time.sleep(PAUSE_S)
+    return {system: {"rounds": rounds, "paired": True,
+                     "engine_step_ms": sum(r["engine_step_ms"] for r in rounds) / len(rounds),
+                     "wall_s": sum(r["wall_s"] for r in rounds) / len(rounds)}
+            for system, rounds in rows.items()}  # fmt: skip
+
+
+def _round(
+    server: VllmServer, settings: Settings, prompts: list[list[int]], store: dict[str, Any] | None
+) -> dict[str, Any]:
+    before = scrape.instance_counters(server)
+    puts_before = _store_puts(store)
+    start = time.perf_counter()
+    with httpx.Client(timeout=600) as client, ThreadPoolExecutor(settings.step_concurrency) as pool:
+        answered = list(pool.map(lambda p: _complete(client, server.url, settings, p), prompts))
+    wall_s = time.perf_counter() - start
+    grown = scrape.delta(before, scrape.instance_counters(server))
+    drain_s, puts = _drain(store, puts_before)
+    steps = grown["itl_count"]
+    return {
+        "wall_s": wall_s,
+        "engine_step_ms": 1000 * grown["itl_sum_s"] / steps if steps else float("nan"),
+        "token_gaps": steps,
+        "output_tokens": sum(answered),
+        # The store process's count: the connector's reaches /metrics with a later step.
+        "blocks_stored": puts,
+        "saves_skipped": grown.get("store_saves_skipped", 0.0),
+        "saves_already_stored": grown.get("store_saves_already_stored", 0.0),
+        "save_drain_s": drain_s,
+        "loadavg_1m": os.getloadavg()[0],
+    }
+
+
+def _store_puts(store: dict[str, Any] | None) -> float:
+    """Blocks the store process's host tier accepted so far (0 without a store)."""
+    if store is None:
+        return 0.0
+    return scrape.store_counters(store).get("host_puts", 0.0)
+
+
+def _drain(store: dict[str, Any] | None, puts_before: float) -> tuple[float, float]:
+    """(seconds until the store's puts settled after the load, blocks it accepted)."""
+    if store is None:
+        return 0.0, 0.0
+    start = last_change = time.monotonic()
+    puts = _store_puts(store)
+    while time.monotonic() - last_change < SETTLED_S and time.monotonic() - start < DRAIN_MAX_S:
+        time.sleep(0.1)
+        now = _store_puts(store)
+        if now != puts:
+            puts, last_change = now, time.monotonic()
+    return last_change - start, puts - puts_before
 
 
 def _complete(client: httpx.Client, url: str, settings: Settings, prompt: list[int]) -> int:

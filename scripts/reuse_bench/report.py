@@ -79,6 +79,11 @@ def write_markdown(results: dict[str, Any], out_dir: Path) -> None:
     lines = [
         "# KV reuse benchmark", "",
         f"Command: `{results['command']}`", "",
+        *[f"Rerun {r['started']}, parts {', '.join(r['parts'])} replaced (1-minute load "
+          f"average {r['machine']['loadavg_at_start'][0]:.1f} at its start, "
+          f"{r['machine']['other_vllm_servers_at_start']} other `vllm serve` running): "
+          f"`{r['command']}`" for r in results.get("reruns", [])],
+        *([""] if results.get("reruns") else []),
         f"Run {results['started']} on pd's `{s['model_preset']}` model (float32, 128-token "
         f"blocks) on {machine['cpus']} cores shared with other work: 1-minute load average "
         f"{load_range} during the phases ({machine['other_vllm_servers_at_start']} other "
@@ -229,26 +234,31 @@ def micro_lines(results: dict[str, Any]) -> list[str]:
             f"- Step time: {s['step_requests']} requests of {s['step_prompt_tokens']} unique "
             f"prompt tokens ({s['step_prompt_tokens'] // 128} full blocks each, all saved by "
             f"the store system) and {s['step_output_tokens']} output tokens, "
-            f"{s['step_concurrency']} at a time, {s['step_rounds']} rounds per system. The "
-            "engine's step time is the mean of vLLM's `vllm:inter_token_latency_seconds` "
+            f"{s['step_concurrency']} at a time, {s['step_rounds']} rounds per system"
+            + (", both systems started side by side and their rounds alternating (each "
+               "round's prompts the same for both; a store round's saves settled, then a "
+               "2 s pause, before the next round), so the machine's load falls on both "
+               "alike. " if any(r.get("paired") for r in step.values()) else ". ")
+            + "The engine's step time is the mean of vLLM's `vllm:inter_token_latency_seconds` "
             "(sum over count: the gaps between a request's tokens as its engine core "
             "produced them, one engine step each), which includes the saver thread's "
             "copies, the store puts and the lookups competing for the same two cores; "
             "the store system also carries pd's connector, so this bounds saving's cost "
             "from above.", "",
             "| system | round | engine step ms | wall s | token gaps | blocks stored "
-            "| saves skipped | load avg |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| already stored | saves skipped | saves settled s | load avg |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]  # fmt: skip
         for system, row in step.items():
             if "error" in row:
-                lines.append(f"| {system} | failed: {row['error'][:100]!r} |" + " |" * 6)
+                lines.append(f"| {system} | failed: {row['error'][:100]!r} |" + " |" * 8)
                 continue
             for i, r in enumerate(row["rounds"], 1):
                 lines.append(
                     f"| {system} | {i} | {r['engine_step_ms']:.2f} | {r['wall_s']:.1f} "
                     f"| {r['token_gaps']:.0f} | {r['blocks_stored']:.0f} "
-                    f"| {r['saves_skipped']:.0f} | {r['loadavg_1m']:.1f} |"
+                    f"| {r.get('saves_already_stored', NAN):.0f} | {r['saves_skipped']:.0f} "
+                    f"| {r.get('save_drain_s', NAN):.1f} | {r['loadavg_1m']:.1f} |"
                 )
         wall = results["ratios"].get("save_wall_time_overhead", NAN)
         lines += ["", f"Wall time of the same load, store on against off: {_fmt(wall, '%')}."]
@@ -259,6 +269,7 @@ def phase_table(results: dict[str, Any]) -> list[str]:
     lines = ["Phases in run order (1-minute load average at start and end):", "",
              "| phase | seconds | load avg |", "| --- | ---: | --- |"]  # fmt: skip
     for p in results.get("phases", []):
-        lines.append(f"| {p['phase']} | {p['seconds']:.0f} | "
+        lines.append(f"| {p['phase']}{' (rerun)' if p.get('rerun') else ''} "
+                     f"| {p['seconds']:.0f} | "
                      f"{p['loadavg_1m'][0]:.1f} -> {p['loadavg_1m'][1]:.1f} |")  # fmt: skip
     return lines

@@ -1,10 +1,15 @@
 """The phases in order. Each system is started, measured and stopped before the next;
 the store system is then restarted (store process included, its files dropped from the
-page cache) and asked the documents again.
+page cache) and asked the documents again. Step time comes last, with both systems
+started side by side and measured in alternating rounds, so that the machine's load
+(other work on the same cores) falls on both alike.
 
-store:  docqa (cold, repeated) -> trace -> lookup on a miss -> step time -> stop
+store:  docqa (cold, repeated) -> trace -> lookup on a miss -> stop
         -> restart -> docqa (after restart, from disk) -> stop
-vllm:   docqa (cold, repeated) -> trace -> step time -> stop
+vllm:   docqa (cold, repeated) -> trace -> stop
+both:   step time, store and vllm rounds alternating -> stop
+
+``parts`` runs a subset (``PARTS``); the caller merges it into an earlier run's results.
 """
 
 from __future__ import annotations
@@ -35,8 +40,23 @@ def other_engines() -> int:
     return len(found.stdout.split())
 
 
-def run(settings: Settings, command: str) -> tuple[dict[str, Any], list[str]]:
-    """Every phase on both systems: the results (reuse.json) and the phases that failed."""
+PARTS = ("docqa", "trace", "lookup", "step")
+
+
+def part_of(phase_name: str) -> str:
+    """The part a phase belongs to, by its name ("store docqa cold" -> "docqa")."""
+    for part, word in (("docqa", "docqa"), ("trace", "trace"), ("lookup", "lookup"),
+                       ("step", "step time")):  # fmt: skip
+        if word in phase_name:
+            return part
+    return "other"
+
+
+def run(
+    settings: Settings, command: str, parts: tuple[str, ...] = PARTS
+) -> tuple[dict[str, Any], list[str]]:
+    """The phases of ``parts`` on both systems: the results (reuse.json) and the phases
+    that failed."""
     model = make_model(settings.model_preset)
     root = Path(tempfile.mkdtemp(prefix="pdrb-"))  # short: the store's socket path
     workdir = root / "logs"
@@ -56,6 +76,7 @@ def run(settings: Settings, command: str) -> tuple[dict[str, Any], list[str]]:
         "trace": {"ideal": trace.ideal_reuse(settings.trace_prompts)},
         "micro": {"step_time": {}},
         "phases": [],
+        "parts": list(parts),
     }
     failed: list[str] = []
     print(f"logs in {workdir}", flush=True)
@@ -78,41 +99,70 @@ def run(settings: Settings, command: str) -> tuple[dict[str, Any], list[str]]:
                 failed.append(name)
         after = {**scrape.instance_counters(server), **_store(system, store)}
         results["phases"].append({"phase": name, "seconds": round(time.monotonic() - start_s, 1),
-                                  "loadavg_1m": [load, os.getloadavg()[0]]})  # fmt: skip
+                                  "loadavg_1m": [load, os.getloadavg()[0]],
+                                  "part": part_of(name)})  # fmt: skip
         if isinstance(value, dict):
             value["counters"] = scrape.delta(before, after)
         print(f"   {_shown(value)}", flush=True)
         return value
 
-    for system in SYSTEMS:
-        server: VllmServer | None = None
-        try:
-            server = start(system, settings, model, workdir, store, system)
-            measure(system, server, settings, model, workdir, store, docs, results, phase)
-        except Exception as e:
-            traceback.print_exc()
-            failed.append(f"{system} start")
-            results.setdefault("errors", []).append(f"{system}: {e!r}"[:800])
-        finally:
-            if server is not None:
-                server.stop()
-        if system == "store" and "store start" not in failed:
-            results["docqa"]["store"]["restarted"] = restarted(
-                settings, model, workdir, store, docs, phase, failed
-            )
+    if {"docqa", "trace", "lookup"} & set(parts):
+        for system in SYSTEMS:
+            server: VllmServer | None = None
+            try:
+                server = start(system, settings, model, workdir, store, system)
+                measure(system, server, settings, model, workdir, store, docs, results, phase,
+                        parts)  # fmt: skip
+            except Exception as e:
+                traceback.print_exc()
+                failed.append(f"{system} start")
+                results.setdefault("errors", []).append(f"{system}: {e!r}"[:800])
+            finally:
+                if server is not None:
+                    server.stop()
+            if system == "store" and "docqa" in parts and "store start" not in failed:
+                results["docqa"]["store"]["restarted"] = restarted(
+                    settings, model, workdir, store, docs, phase, failed
+                )
+    if "step" in parts:
+        step_time_side_by_side(settings, model, workdir, store, results, phase, failed)
     stop_store(store)
     shutil.rmtree(root / "disk", ignore_errors=True)
     return results, failed
 
 
+def step_time_side_by_side(
+    settings: Settings, model: Path, workdir: Path, store: dict[str, Any],
+    results: dict[str, Any], phase: Callable[..., Any], failed: list[str],
+) -> None:  # fmt: skip
+    """Both systems started at once (an idle vLLM instance takes no CPU), then the
+    step-time load in alternating rounds, into ``results["micro"]["step_time"]``."""
+    servers: dict[str, VllmServer] = {}
+    try:
+        for system in SYSTEMS:
+            servers[system] = start(system, settings, model, workdir, store, f"{system}-step")
+        value = phase("store and vllm step time", servers["store"], "store",
+                      lambda: micro.step_time_paired(servers, settings, store))  # fmt: skip
+        value.pop("counters", None)  # the rounds carry their own
+        if "error" in value:
+            value = {system: {"error": value["error"]} for system in SYSTEMS}
+        results["micro"]["step_time"] = value
+    except Exception as e:
+        traceback.print_exc()
+        failed.append("step time start")
+        results["micro"]["step_time"] = {system: {"error": f"{e!r}"[:800]} for system in SYSTEMS}
+    finally:
+        for server in servers.values():
+            server.stop()
+
+
 def measure(
     system: str, server: VllmServer, settings: Settings, model: Path, workdir: Path,
     store: dict[str, Any], docs: list[list[int]], results: dict[str, Any],
-    phase: Callable[..., Any],
+    phase: Callable[..., Any], parts: tuple[str, ...],
 ) -> None:  # fmt: skip
-    """Every phase on one started system, into ``results``."""
+    """The phases of ``parts`` (step time aside) on one started system, into ``results``."""
     url = server.url
-    rows = results["docqa"].setdefault(system, {})
 
     def cold() -> dict[str, Any]:
         return docqa.summary(docqa.ask(url, settings, docs, 0))
@@ -121,19 +171,19 @@ def measure(
         rounds = range(1, settings.repeat_rounds + 1)
         return docqa.summary([t for r in rounds for t in docqa.ask(url, settings, docs, r)])
 
-    rows["cold"] = phase(f"{system} docqa cold", server, system, cold)
-    rows["repeated"] = phase(f"{system} docqa repeated", server, system, repeated)
-    results["trace"][system] = phase(
-        f"{system} trace", server, system,
-        lambda: trace.replay(url, model, settings, workdir / f"trace-{system}.json"),
-    )  # fmt: skip
-    if system == "store":
+    if "docqa" in parts:
+        rows = results["docqa"].setdefault(system, {})
+        rows["cold"] = phase(f"{system} docqa cold", server, system, cold)
+        rows["repeated"] = phase(f"{system} docqa repeated", server, system, repeated)
+    if "trace" in parts:
+        results["trace"][system] = phase(
+            f"{system} trace", server, system,
+            lambda: trace.replay(url, model, settings, workdir / f"trace-{system}.json"),
+        )  # fmt: skip
+    if system == "store" and "lookup" in parts:
         results["micro"]["lookup_on_miss"] = phase(
             "store lookup on a miss", server, system, lambda: micro.lookup_on_miss(store, settings)
         )
-    results["micro"]["step_time"][system] = phase(
-        f"{system} step time", server, system, lambda: micro.step_time(server, settings)
-    )
 
 
 def restarted(

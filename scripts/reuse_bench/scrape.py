@@ -23,6 +23,8 @@ INSTANCE_COUNTERS = {
     "store_load_failures": "vllm:pd_kv_store_load_failures_total",
     "store_blocks_stored": "vllm:pd_kv_store_blocks_stored_total",
     "store_saves_skipped": "vllm:pd_kv_store_saves_skipped_total",
+    "store_saves_already_stored": "vllm:pd_kv_store_saves_already_stored_total",
+    "store_save_failures": "vllm:pd_kv_store_save_failures_total",
     "itl_sum_s": "vllm:inter_token_latency_seconds_sum",
     "itl_count": "vllm:inter_token_latency_seconds_count",
 }
@@ -83,6 +85,7 @@ def store_counters(store: dict[str, Any] | None) -> dict[str, float]:
         if tier is not None:
             counters[f"{tier.tier}_hit_tokens"] = tier.hits * BLOCK_SIZE
             counters[f"{tier.tier}_entries"] = tier.entries
+            counters[f"{tier.tier}_puts"] = tier.puts
             counters[f"{tier.tier}_usage_bytes"] = tier.usage_bytes
             counters[f"{tier.tier}_evictions"] = tier.evictions
             counters[f"{tier.tier}_recovered_entries"] = tier.recovered_entries
