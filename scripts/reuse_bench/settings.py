@@ -75,7 +75,7 @@ FULL = Settings(
     step_concurrency=4,
     step_prompt_tokens=1024,  # 8 full blocks saved per request
     step_output_tokens=128,
-    step_rounds=2,
+    step_rounds=4,  # per system, alternating with the other system
 )
 
 # Seconds to a minute per phase: the tiny model, a few short documents, a trace prefix.
