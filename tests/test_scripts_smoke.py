@@ -132,6 +132,13 @@ def check_bench_routing(run: subprocess.CompletedProcess[str], out: Path) -> Non
     assert sum(counters["decisions"].values()) == counters["routing_count"] == row["completed"]
     assert sum(c["hits"] for n, c in counters["instances"].items() if "prefill" in n) > 0
     assert 0 < data["ideal"]["shared-prefix"]["share"] < 1, data["ideal"]
+    # Each request's TTFT, and the route kv_aware logged for it (its debug line).
+    requests = json.loads((out / "routing.requests.json").read_text())["shared-prefix"]
+    assert len(requests["kv_aware"]["ttfts"]) == row["completed"]
+    routes = requests["kv_aware"]["routes"]
+    assert len(routes) == row["completed"], routes
+    assert {r["decision"] for r in routes} <= {"prefill", "decode_only"}
+    assert sum(r["decision"] == "prefill" for r in routes) == counters["decisions"]["prefill"]
     report = (out / "routing.md").read_text()
     assert "Command: `.venv/bin/python scripts/bench_routing.py --smoke" in report
     assert "| kv_aware |" in report

@@ -174,10 +174,12 @@ def slowest(per_request: dict[str, Any], k: int = 6) -> list[str]:
     return lines
 
 
-def slow_legs(row: dict[str, Any], over_s: str = "10.0") -> str:
-    """How many of a row's prefill legs took longer than ``over_s`` (the proxy's own
-    pd_prefill_seconds), of how many."""
-    buckets = row.get("counters", {}).get("prefill_leg_s") or {}
+def slow_legs(
+    row: dict[str, Any], over_s: str = "10.0", histogram: str = "prefill_leg_s"
+) -> str:  # fmt: skip
+    """How many of a row's prefill legs (or routing calls: ``routing_s``) took longer
+    than ``over_s`` (the proxy's pd_prefill_seconds, pd_routing_seconds), of how many."""
+    buckets = row.get("counters", {}).get(histogram) or {}
     if "+Inf" not in buckets or over_s not in buckets:
         return "-"
     return f"{buckets['+Inf'] - buckets[over_s]:.0f} of {buckets['+Inf']:.0f}"
@@ -256,6 +258,7 @@ def slow_requests(results: dict[str, Any], requests: dict[str, Any]) -> list[str
     for workload, rows in requests.items():
         if "kv_aware" not in rows:
             continue
+        kv_row = results.get("rows", {}).get(workload, {}).get("kv_aware", {})
         legs = ", ".join(f"{system} {slow_legs(row)}"
                          for system, row in results.get("rows", {}).get(workload, {}).items()
                          if "error" not in row)  # fmt: skip
@@ -264,7 +267,8 @@ def slow_requests(results: dict[str, Any], requests: dict[str, Any]) -> list[str
             "",
             "Each with the route the proxy logged for it: what decode and the best prefill "
             "instance held of its prompt then, and the prompt tokens queued there. Prefill "
-            f"legs over 10 s (`pd_prefill_seconds`): {legs}.",
+            f"legs over 10 s (`pd_prefill_seconds`): {legs}. kv_aware's routing calls "
+            f"over 1 ms (`pd_routing_seconds`): {slow_legs(kv_row, '0.001', 'routing_s')}.",
             "",
             *slowest(rows["kv_aware"]),
             "",

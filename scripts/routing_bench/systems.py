@@ -67,12 +67,18 @@ def counters(serve: PdServeProcess) -> dict[str, Any]:
         },
         "routing_s_sum": proxy.get("pd_routing_seconds_sum", 0.0),
         "routing_count": proxy.get("pd_routing_seconds_count", 0.0),
-        # The proxy's prefill legs by duration (cumulative, seconds): where slow TTFTs are
-        "prefill_leg_s": {
-            k.split('le="')[1].rstrip('"}'): v
-            for k, v in proxy.items()
-            if k.startswith("pd_prefill_seconds_bucket")
-        },
+        # The proxy's prefill legs and routing calls by duration (cumulative counts per
+        # bucket bound, seconds): where slow TTFTs are, what makes the routing mean.
+        "prefill_leg_s": _buckets(proxy, "pd_prefill_seconds"),
+        "routing_s": _buckets(proxy, "pd_routing_seconds"),
+    }
+
+
+def _buckets(samples: dict[str, float], histogram: str) -> dict[str, float]:
+    return {
+        k.split('le="')[1].rstrip('"}'): v
+        for k, v in samples.items()
+        if k.startswith(f"{histogram}_bucket")
     }
 
 
@@ -86,8 +92,9 @@ def delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
         "decisions": {d: v - before["decisions"][d] for d, v in after["decisions"].items()},
         "routing_s_sum": after["routing_s_sum"] - before["routing_s_sum"],
         "routing_count": after["routing_count"] - before["routing_count"],
-        "prefill_leg_s": {
-            le: n - before["prefill_leg_s"].get(le, 0.0) for le, n in after["prefill_leg_s"].items()
+        **{
+            key: {le: n - before[key].get(le, 0.0) for le, n in after[key].items()}
+            for key in ("prefill_leg_s", "routing_s")
         },
     }
 
