@@ -123,7 +123,7 @@ TIMELINE_STEPS = (
     ("load_submitted", "the worker got the load"),
     ("load_started", "pull started (load thread)"),
     ("load_ended", "pull ended"),
-    ("result_queued", "lease released on prefill, result queued"),
+    ("result_queued", "result queued for the engine (the lease is released after)"),
     ("load_reported", "a step's get_finished reported it to vLLM"),
     ("completion_seen", "the scheduler processed that step's output"),
     ("compute_scheduled", "a step scheduled the prompt's last token"),
