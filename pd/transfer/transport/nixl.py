@@ -171,28 +171,36 @@ class NixlTransport(KVTransport):
         except Exception as e:  # not posted: nothing of it can land
             if handle is not None:
                 _Read(agent, handle, "ERR").settle(0)  # releases the handle
-            self._disconnected(name)
+            self._disconnected(name, remote_dlist)
             raise TransferError(f"NIXL read of {request_id} could not start: {e}") from e
         read = _Read(agent, handle, state)
         if not read.settle(deadline):
             # Kept, not released: UCX may still complete it (see ``TransferInFlight``).
+            def settle(deadline: float) -> bool:
+                ended = read.settle(deadline)
+                if ended and read.state == "ERR":
+                    self._disconnected(name, remote_dlist)  # else the next read fails on it too
+                return ended
+
             raise TransferInFlight(
-                f"NIXL read of {request_id} passed its deadline, still in flight", read.settle
+                f"NIXL read of {request_id} passed its deadline, still in flight", settle
             )
         if read.state == "ERR":
             # e.g. nixlRemoteDisconnectError: the peer died, or the link (keepalive)
-            self._disconnected(name)
+            self._disconnected(name, remote_dlist)
             raise TransferError(f"NIXL read of {request_id} failed: {read.error or 'ERR'}")
         return len(src_block_ids) * self.layout.bytes_per_block
 
-    def _disconnected(self, name: str) -> None:
+    def _disconnected(self, name: str, dlist: object) -> None:
         """Forget a peer whose endpoint failed: UCX never reconnects a failed endpoint
-        (measured: every later read fails), so the next ``connect`` loads it afresh."""
+        (measured: every later read fails), so the next ``connect`` loads it afresh.
+        ``dlist``: the peer's list the failed read used; a peer loaded afresh since stays."""
         agent = self._agent
         with self._lock:
-            known = self._peers.pop(name, None)
-            if known is None or agent is None:
+            known = self._peers.get(name)
+            if known is None or known[0] is not dlist or agent is None:
                 return
+            del self._peers[name]
             # Other threads may still hold the list: released only at close.
             self._retired_dlists.append(known[0])
             try:
