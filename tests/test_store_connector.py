@@ -192,14 +192,29 @@ def test_a_block_gone_from_the_store_is_a_failed_block(config: StoreConfig) -> N
         worker.close()
 
 
-def test_a_request_still_loading_is_not_saved(config: StoreConfig) -> None:
+def test_a_request_aborted_while_loading_is_not_saved(config: StoreConfig) -> None:
+    """vLLM marks an aborted request finished before ``request_finished``: what says
+    its blocks are still being filled (here by a prefill instance's load, which the
+    store did not offer) is the allocation with external tokens, until the load ends."""
     scheduler = StoreScheduler(StoreClient(config), NS, BLOCK_SIZE, save_decode=False)
     try:
-        request = FakeRequest("f", num_tokens=3 * BLOCK_SIZE, block_hashes=block_hashes(3))
-        request.num_computed_tokens = 3 * BLOCK_SIZE
-        request.status = RequestStatus.WAITING_FOR_REMOTE_KVS
-        assert scheduler.request_finished(request, [1, 2, 3], reports_completion=True) is False
-        assert scheduler.take() == ([], [])
+        for request_id in ("loading", "loaded"):
+            request = FakeRequest(
+                request_id, num_tokens=3 * BLOCK_SIZE, block_hashes=block_hashes(3, request_id)
+            )
+            scheduler.update_state_after_alloc(
+                request, FakeBlocks([1, 2, 3]), num_external_tokens=3 * BLOCK_SIZE
+            )
+        scheduler.loads_ended(["loaded"])
+        for request_id, saved in (("loading", False), ("loaded", True)):
+            request = FakeRequest(
+                request_id, num_tokens=3 * BLOCK_SIZE, block_hashes=block_hashes(3, request_id)
+            )
+            request.num_computed_tokens = 3 * BLOCK_SIZE
+            request.status = RequestStatus.FINISHED_ABORTED
+            assert scheduler.request_finished(request, [1, 2, 3], reports_completion=True) is saved
+        loads, saves = scheduler.take()
+        assert loads == [] and [save.request_id for save in saves] == ["loaded"]
     finally:
         scheduler.close()
 

@@ -204,8 +204,11 @@ class PDConnector(KVConnectorBase_V1):
             for request_id in connector_output.finished_recving:
                 timeline.mark("completion_seen", request_id)
                 self._timed.add(request_id)
-        if self._store is not None and connector_output.finished_sending:
-            self._store.saves_copied(connector_output.finished_sending)
+        if self._store is not None:
+            if connector_output.finished_recving:
+                self._store.loads_ended(connector_output.finished_recving)
+            if connector_output.finished_sending:
+                self._store.saves_copied(connector_output.finished_sending)
 
     def has_pending_push_work(self) -> bool:
         return self._store is not None and self._store.holds_blocks

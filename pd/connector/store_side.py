@@ -197,6 +197,10 @@ class StoreScheduler:
         self._saves: list[StoreBlocks] = []
         self._known: OrderedDict[bytes, None] = OrderedDict()
         self._holding: set[str] = set()  # saves whose blocks vLLM keeps until copied
+        # Requests whose blocks a load (the store's or a prefill instance's) still fills:
+        # nothing of theirs is valid to save. vLLM marks a request finished before
+        # ``request_finished``, so its status cannot say so for an aborted one.
+        self._loading: set[str] = set()
         self.counters = TransferCounters()
         client.register(namespace)
 
@@ -235,6 +239,8 @@ class StoreScheduler:
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
     ) -> None:
         self._recent.pop(request.request_id, None)  # allocated: no lookup again
+        if num_external_tokens > 0:
+            self._loading.add(request.request_id)
         pending = self._pending.pop(request.request_id, None)
         if pending is None or num_external_tokens == 0:
             return
@@ -260,12 +266,10 @@ class StoreScheduler:
         ``finished_sending`` once it copied them (the caller returns delay-free True);
         without, someone else already holds the blocks (a prefill lease) and reports.
         """
-        from vllm.v1.request import RequestStatus
-
         self._pending.pop(request.request_id, None)
         self._recent.pop(request.request_id, None)
-        if request.status == RequestStatus.WAITING_FOR_REMOTE_KVS:
-            return False  # its blocks are still being filled: nothing valid to save
+        if request.request_id in self._loading:
+            return False  # aborted while its blocks are being filled: nothing to save
         tokens = request.num_computed_tokens
         if not self._save_decode:
             tokens = min(tokens, request.num_prompt_tokens)
@@ -293,6 +297,10 @@ class StoreScheduler:
         if reports_completion:
             self._holding.add(request.request_id)
         return reports_completion
+
+    def loads_ended(self, request_ids: Iterable[str]) -> None:
+        """The workers' ``finished_recving`` (failed loads too): those blocks are settled."""
+        self._loading.difference_update(request_ids)
 
     def saves_copied(self, request_ids: Iterable[str]) -> None:
         """The workers' ``finished_sending``: these requests' blocks are free again."""
