@@ -80,21 +80,24 @@ def test_config_error_is_a_value_error() -> None:
 
 
 def test_transport_candidates() -> None:
-    # NIXL is part of pd's install, so `auto` offers it first, then ZMQ.
-    assert registry.transport_candidates("auto") == ["nixl", "zmq"]
-    assert registry.transport_candidates("zmq") == ["zmq"]
-    assert registry.transport_candidates("nixl") == ["nixl"]
+    # NIXL is part of pd's install, so `auto` offers it first on a GPU, then ZMQ; with
+    # the KV cache in host memory, ZMQ alone (NIXL's UCX over TCP livelocks there).
+    assert registry.transport_candidates("auto", kv_on_gpu=True) == ["nixl", "zmq"]
+    assert registry.transport_candidates("auto", kv_on_gpu=False) == ["zmq"]
+    for kv_on_gpu in (True, False):
+        assert registry.transport_candidates("zmq", kv_on_gpu) == ["zmq"]
+        assert registry.transport_candidates("nixl", kv_on_gpu) == ["nixl"]
     with pytest.raises(ValueError, match="unknown transport 'rdma'"):
-        registry.transport_candidates("rdma")
+        registry.transport_candidates("rdma", kv_on_gpu=False)
 
 
 def test_nixl_requested_where_it_does_not_import_fails_fast(monkeypatch) -> None:
     import pd.transfer.transport.nixl as nixl_module
 
     monkeypatch.setattr(nixl_module, "nixl_available", lambda: False)
-    assert registry.transport_candidates("auto") == ["zmq"]
+    assert registry.transport_candidates("auto", kv_on_gpu=True) == ["zmq"]
     with pytest.raises(ValueError, match="NIXL does not import here"):
-        registry.transport_candidates("nixl")
+        registry.transport_candidates("nixl", kv_on_gpu=True)
 
 
 def test_register_transport_rejects_duplicates() -> None:

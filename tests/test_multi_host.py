@@ -200,6 +200,8 @@ def multi_host() -> Iterator[MultiHost]:
             FAULT_OVERRIDES,
             {
                 "ray": {"address": address},
+                # NIXL by name: `auto` picks ZMQ for a KV cache in host memory.
+                "transport": "nixl",
                 # Namespaces share the machine's memory, and UCX would move the KV
                 # through it (cma, shm: measured, nothing crossed the veth); over tcp, as
                 # between two machines.

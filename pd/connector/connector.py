@@ -84,8 +84,9 @@ class PDConnector(KVConnectorBase_V1):
         transfer_config = vllm_config.kv_transfer_config
         assert transfer_config is not None and transfer_config.engine_id is not None
         self.config = PDConnectorConfig.from_extra_config(transfer_config.kv_connector_extra_config)
+        kv_on_gpu = vllm_config.device_config.device_type != "cpu"
         try:
-            transports = transport_candidates(self.config.transport)
+            transports = transport_candidates(self.config.transport, kv_on_gpu)
         except ValueError as e:
             raise ValueError(f"PDConnector: {e}") from None
         engine_id = transfer_config.engine_id

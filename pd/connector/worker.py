@@ -1,10 +1,11 @@
 """Worker-side half of PDConnector: one per vLLM worker (one per TP rank).
 
 Built when vLLM registers its KV cache: describes the cache as regions
-(``layout``), starts the transports (under ``auto``: NIXL if it works here, and
-ZMQ), and runs the prefill role's producer (lease table and side-channel server) and
-the decode role's consumer as the instance's ``kv_role`` asks: a ``kv_consumer``
-serves no side channel (nobody asks a decode instance for KV), ``kv_both`` runs both.
+(``layout``), starts the transports (under ``auto``: NIXL if it works here and the KV
+cache is in GPU memory, and ZMQ), and runs the prefill role's producer (lease table
+and side-channel server) and the decode role's consumer as the instance's ``kv_role``
+asks: a ``kv_consumer`` serves no side channel (nobody asks a decode instance for KV),
+``kv_both`` runs both.
 
 While transfers are pending and nothing else runs, vLLM steps the engine about a
 thousand times a second only to poll them (half a core on CPU, taken from whatever

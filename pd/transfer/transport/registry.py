@@ -26,19 +26,27 @@ def get_transport_class(name: str) -> type[KVTransport]:
     return transport
 
 
-# Under ``auto``, the order in which transports are offered and tried with each peer.
+# Under ``auto``, the order in which transports are offered and tried with each peer,
+# for a KV cache in GPU memory. A KV cache in host memory gets ZMQ alone: NIXL 1.5's
+# UCX over TCP livelocks there now and then (measured on this 2-core machine, see
+# docs/structure.md "Transports"): the prefill worker's UCX progress thread spins a
+# whole core for 10-80 s while the READ it should serve stays in flight.
 AUTO_PREFERENCE = ("nixl", "zmq")
+AUTO_HOST_MEMORY = ("zmq",)
 
 
-def transport_candidates(requested: str) -> list[str]:
+def transport_candidates(requested: str, kv_on_gpu: bool) -> list[str]:
     """The transports a worker runs for a configured ``transport``, best first.
 
-    ``auto``: NIXL when it imports here, then ZMQ (each peer gets the first one that
-    works with it). ``nixl`` where NIXL does not import fails fast with the reason.
+    ``auto``: on a GPU, NIXL when it imports here, then ZMQ (each peer gets the first
+    one that works with it); with the KV cache in host memory, ZMQ. ``nixl`` where NIXL
+    does not import fails fast with the reason.
     """
     from pd.transfer.transport.nixl import nixl_available
 
     if requested == AUTO_TRANSPORT:
+        if not kv_on_gpu:
+            return list(AUTO_HOST_MEMORY)
         return [n for n in AUTO_PREFERENCE if n != "nixl" or nixl_available()]
     TRANSPORTS.check(requested)
     if requested == "nixl" and not nixl_available():
