@@ -25,8 +25,6 @@ from serving_bench.run import run
 from serving_bench.settings import FULL, SMOKE, WORKLOADS
 from serving_bench.systems import ALL_SYSTEMS, DEFAULT_SYSTEMS, PD_DEFAULT
 
-from pd.transfer.transport.nixl import nixl_available
-
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
 
 
@@ -66,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         if out_dir.resolve() == RESULTS:
             parser.error(f"--smoke never writes over {RESULTS}")
         # pd's default; without NIXL here, the one pd system on the other transport
-        systems = args.systems or [PD_DEFAULT if nixl_available() else "pd-zmq-first-token"]
+        systems = args.systems or [PD_DEFAULT]
     else:
         out_dir = args.out_dir or RESULTS
         systems = args.systems or DEFAULT_SYSTEMS

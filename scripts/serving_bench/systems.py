@@ -37,9 +37,12 @@ PD_SYSTEMS = {
     "pd-nixl-first-token": ("nixl", "first-token", (0, 0)),
     "pd-zmq-first-token": ("zmq", "first-token", (0, 0)),
     "pd-nixl-sequential": ("nixl", "sequential", (0, 0)),
+    "pd-zmq-sequential": ("zmq", "sequential", (0, 0)),
     "pd-nixl-concurrent": ("nixl", "concurrent", (0, 0)),
 }
-PD_DEFAULT = "pd-nixl-sequential"  # what pd-serve runs when the config names no flow
+# What pd-serve runs on CPU instances when the config names no flow and no transport
+# (``auto`` is ZMQ for a KV cache in host memory).
+PD_DEFAULT = "pd-zmq-sequential"
 # Not run by default: what the instances' CPU priority changes (Ray's worker default is 15).
 PD_PRIORITY_VARIANTS = {
     "pd-nixl-sequential-nice15": ("nixl", "sequential", (15, 15)),
