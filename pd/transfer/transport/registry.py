@@ -30,7 +30,7 @@ def get_transport_class(name: str) -> type[KVTransport]:
 # for a KV cache in GPU memory. A KV cache in host memory gets ZMQ alone: NIXL 1.5's
 # UCX over TCP livelocks there now and then (measured on this 2-core machine, see
 # docs/structure.md "Transports"): the prefill worker's UCX progress thread spins a
-# whole core for 10-80 s while the READ it should serve stays in flight.
+# whole core for 9-80 s while the READ it should serve stays in flight.
 AUTO_PREFERENCE = ("nixl", "zmq")
 AUTO_HOST_MEMORY = ("zmq",)
 
