@@ -78,13 +78,18 @@ def test_first_token_read_from_answers():
 @pytest.mark.parametrize(
     "answer",
     [completion_answer(finish="stop"),  # EOS: decode must end the same way
-     completion_answer(text="\ufffd"),  # part of a character
-     completion_answer(text=""),
      completion_answer(token_ids=(1, 2)),
+     completion_answer(text=None),
      {"id": "x", "choices": []}],
 )  # fmt: skip
 def test_answers_that_cannot_be_continued(answer):
     assert FirstToken.from_answer("completions", answer) is None
+
+
+@pytest.mark.parametrize(("text", "whole"), [("Hi", True), ("", False), ("\ufffdA", False)])
+def test_a_token_inside_a_character_is_continued_with_the_proxys_text(text, whole):
+    first = FirstToken.from_answer("completions", completion_answer(text=text))
+    assert first is not None and first.text_is_whole is whole
 
 
 def leg(endpoint: str, body: dict) -> SimpleNamespace:
@@ -95,7 +100,9 @@ def test_continuation_bodies():
     params = {"do_remote_prefill": True, "remote_num_tokens": 3}
     first = FirstToken.from_answer("completions", completion_answer())
     body = first.continuation(leg("completions", {**STREAM, "min_tokens": 3}), params)
-    assert body["prompt"] == [1, 2, 3, 42]
+    assert body["prompt"] == [1, 2, 3, 42] and "return_token_ids" not in body
+    assert first.continuation(leg("completions", STREAM), params, token_ids=True)[
+        "return_token_ids"] is True  # fmt: skip
     assert (body["max_tokens"], body["min_tokens"]) == (7, 2)
     assert body["kv_transfer_params"] == params
     # vLLM's completions default is 16 tokens: 15 are left.
@@ -156,6 +163,62 @@ def test_continuation_rewrites_decode_stream_split_anywhere():
             {"content": " there"}, {"content": "!"}]  # fmt: skip
         assert chunks[2]["usage"] == {"prompt_tokens": 2, "completion_tokens": 5,
                                       "total_tokens": 7}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer():
+    from transformers import AutoTokenizer
+
+    from pd.models import make_model
+
+    return AutoTokenizer.from_pretrained(make_model("tiny"))
+
+
+def completion_chunk(token_ids: list[int], finish: str | None = None, **extra) -> bytes:
+    choice = {"index": 0, "text": "(decode's text)", "finish_reason": finish,
+              "token_ids": token_ids, "prompt_token_ids": None, **extra}  # fmt: skip
+    return b"data: " + json.dumps({"id": "cmpl-d", "choices": [choice]}).encode() + b"\n\n"
+
+
+def test_continuation_writes_the_text_a_single_instance_would(tiny_tokenizer):
+    """A first token inside a character (byte-level ids 0xC3 0xA9 are "é"): the
+    proxy's text, token by token, is what one DecodeStream over the whole answer writes
+    (vLLM's detokenizer), and decode's own text and token ids do not reach the client."""
+    from tokenizers.decoders import DecodeStream
+
+    from pd.proxy.tokenizer import TextStream
+
+    prompt, answer = list(b"Say it:"), [0xC3, 0xA9, *b" ok", 0xE2, 0x82, 0xAC, 257]
+    backend = tiny_tokenizer._tokenizer
+    oracle = DecodeStream(ids=prompt, skip_special_tokens=True)
+    want = [oracle.step(backend, t) or "" for t in answer[:-1]]  # the EOS adds nothing
+
+    first = FirstToken.from_answer("completions", completion_answer(text="", token_ids=(0xC3,)))
+    text = TextStream(backend, prompt, skip_special_tokens=True)
+    assert text.text([first.token_id]) == want[0] == ""
+    rewriter = Continuation(first, text)
+    decode = b"".join(completion_chunk([t]) for t in answer[1:-1])
+    decode += completion_chunk([answer[-1]], finish="stop", stop_reason=None)
+    got = events(rewriter.feed(decode + b"data: [DONE]\n\n"))
+    assert [c["choices"][0]["text"] for c in got[:-1]] == [*want[1:], ""]
+    assert all(c["choices"][0]["token_ids"] is None for c in got[:-1])
+    assert "".join(want) == "é ok€"
+
+
+def test_continuation_writes_chat_content_and_drops_decodes_opening(tiny_tokenizer):
+    from pd.proxy.tokenizer import TextStream
+
+    chat = FirstToken.from_answer("chat/completions", chat_answer(content=""))
+    text = TextStream(tiny_tokenizer._tokenizer, [5, 6], skip_special_tokens=True)
+    text.text([0xC3])
+    opening = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+    decoded = {"index": 0, "delta": {"content": "x"}, "finish_reason": None, "token_ids": [0xA9]}
+    ended = {"index": 0, "delta": {}, "finish_reason": "length", "token_ids": [65]}
+    stream = b"".join(b"data: " + json.dumps({"id": "d", "choices": [c], "prompt_token_ids":
+                      [5, 6]}).encode() + b"\n\n" for c in (opening, decoded, ended))  # fmt: skip
+    got = events(Continuation(chat, text).feed(stream))
+    assert [c["choices"][0]["delta"] for c in got] == [{"content": "é"}, {"content": "A"}]
+    assert all(c["prompt_token_ids"] is None for c in got)
 
 
 def test_continuation_passes_errors_through():

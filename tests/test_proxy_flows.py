@@ -722,6 +722,43 @@ def test_first_token_flow_a_request_ended_by_its_first_token_goes_sequentially()
     run(test, "first-token")
 
 
+def test_first_token_flow_a_token_inside_a_character_gets_the_proxys_text():
+    """Prefill's token is the first byte of "é": the client gets it at once with no
+    text, decode streams token ids, and the proxy writes the text from them."""
+    from pd.models import make_model
+
+    inside_a_character = whole(
+        completion("", id="cmpl-p", kv_transfer_params=KV, token_ids=[0xC3],
+                   prompt_token_ids=[72, 105])
+    )  # fmt: skip
+    # Decode's own text is wrong here (the whole prompt's, with its first token).
+    decoded = sse(*(dict(c, choices=[{**c["choices"][0], "token_ids": ids}])
+                    for c, ids in zip(completion_chunks("Hi\u00e9", "!"), ([0xA9], [0x21]),
+                                      strict=True)))  # fmt: skip
+
+    async def test(p: Proxy) -> None:
+        p.prefill.answer = inside_a_character
+        p.decode.answer = stream(decoded)
+        response = await p.client.post("/v1/completions", json=STREAMED)
+        (decode,) = p.decode.calls
+        assert decode.body["return_token_ids"] is True and decode.body["prompt"] == [72, 105, 0xC3]
+        chunks = read_events(response.content)[:-1]
+        assert [c["choices"][0]["text"] for c in chunks] == ["", "é", "!"]
+        assert all("token_ids" not in c["choices"][0] or c["choices"][0]["token_ids"] is None
+                   for c in chunks)  # fmt: skip
+        assert p.counted("pd_first_token_handoffs_total") == 1
+
+    async def without_tokenizer(p: Proxy) -> None:
+        p.prefill.answer = inside_a_character
+        p.decode.answer = stream(DECODE_EVENTS)
+        response = await p.client.post("/v1/completions", json=STREAMED)
+        assert response.content == b"".join(DECODE_EVENTS)  # decode computed it again
+        assert p.counted("pd_first_token_handoffs_total") == 0
+
+    run(test, "first-token", tokenizer=str(make_model("tiny")))
+    run(without_tokenizer, "first-token")
+
+
 def test_first_token_flow_requests_that_do_not_qualify_go_sequentially():
     async def test(p: Proxy) -> None:
         p.decode.answer = stream(DECODE_EVENTS)

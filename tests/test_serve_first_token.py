@@ -72,6 +72,38 @@ def test_streams_equal_single_instance_and_first_token_comes_from_prefill(serve,
     assert grew(before, after, "pd_prefill_fallbacks_total") == 0
 
 
+def test_first_tokens_inside_a_character_still_leave_with_the_prefill_answer(serve, reference):
+    """The byte-level model's first token is often one byte of a longer character: it
+    goes out at once with no text (as vLLM's own stream has it), and the proxy writes
+    the text from decode's token ids. Text and usage equal the single instance's."""
+    ref_client, ref_model = reference
+    prompts = [f"{PROMPT} Case {i}:" for i in range(12)]
+    greedy = {**GREEDY, "extra_body": {**GREEDY["extra_body"], "return_token_ids": True}}
+    expected = [ref_client.completions.create(model=ref_model, prompt=p, **greedy)
+                for p in prompts]  # fmt: skip
+    # Bytes from 0x80 up are never a character alone (ids 0-255 are the bytes).
+    inside = [e.choices[0].token_ids[0] >= 0x80 for e in expected]
+    assert sum(inside) >= 2, "no prompt here starts its answer inside a character"
+
+    async def go():
+        async with AsyncOpenAI(base_url=f"{serve.url}/v1", api_key="unused", timeout=120) as c:
+            streams = [
+                await c.completions.create(model=SERVED, prompt=p, stream=True, **GREEDY, **USAGE)
+                for p in prompts
+            ]
+            return await asyncio.gather(*(read_stream(s) for s in streams))
+
+    before = proxy_metrics(serve)
+    answers = asyncio.run(go())
+    for (text, usage, ids), want in zip(answers, expected, strict=True):
+        assert text == want.choices[0].text
+        assert usage.completion_tokens == want.usage.completion_tokens
+        assert len(ids) == 1
+    after = proxy_metrics(serve)
+    assert grew(before, after, "pd_first_token_handoffs_total") == len(prompts)
+    assert grew(before, after, "pd_prefill_fallbacks_total") == 0
+
+
 def test_requests_that_do_not_qualify_go_sequentially(serve, reference):
     """Unstreamed, stop strings, logprobs: the first token stays where it is, and the
     answer still equals the single instance's."""

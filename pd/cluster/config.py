@@ -168,12 +168,13 @@ class ProxySpec(_Strict):
     the instances' KV events, and load; may leave prefill out: docs/routing.md)."""
     kv_aware: KVAwareSpec = Field(default_factory=KVAwareSpec)
     """Settings of ``routing: kv_aware``."""
-    flow: str = "sequential"
-    """``sequential``: prefill leg first, then decode with its KV's address.
+    flow: str = "first-token"
+    """``first-token``: prefill leg first, then decode with its KV's address; a streamed
+    request's first token is the prefill leg's, sent at once, and decode continues from
+    it (see the README for which requests).
+    ``sequential``: the same legs; decode computes the first token again.
     ``concurrent``: both legs at once; decode waits for the KV (hides the second hop,
-    but the waiting decode instance keeps stepping: see the README).
-    ``first-token``: sequential, but a streamed request's first token is the prefill
-    leg's, sent at once; decode continues from it (see the README for which requests)."""
+    but the waiting decode instance keeps stepping: see the README)."""
     max_body_bytes: Annotated[int, Field(ge=1024)] = 32 * 1024 * 1024
     """Largest request body accepted, in bytes (declared or streamed); larger: 413."""
     max_n: Annotated[int, Field(ge=1)] = 16

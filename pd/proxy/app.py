@@ -39,7 +39,7 @@ class ProxySettings:
     served_model_name: str
     request_timeout_s: float = 600.0
     connect_timeout_s: float = 5.0
-    flow: str = "sequential"  # a name in pd.registry.FLOWS
+    flow: str = "first-token"  # a name in pd.registry.FLOWS
     chat_output_parsed: bool = False  # the instances run a reasoning or tool-call parser
     max_body_bytes: int = 32 * MIB
     max_n: int = 16
@@ -65,8 +65,11 @@ def create_app(
     metrics = ProxyMetrics(pool)
     timeout = httpx.Timeout(settings.request_timeout_s, connect=settings.connect_timeout_s)
     flow_class: type[Flow] = FLOWS.load(settings.flow)
-    flow = flow_class(pool, metrics, http, timeout, chat_output_parsed=settings.chat_output_parsed)
     tokenizer = ModelTokenizer(settings.tokenizer) if settings.tokenizer else None
+    flow = flow_class(
+        pool, metrics, http, timeout,
+        chat_output_parsed=settings.chat_output_parsed, tokenizer=tokenizer,
+    )  # fmt: skip
     limits = RequestLimits(
         settings.served_model_name,
         max_body_bytes=settings.max_body_bytes,

@@ -51,6 +51,7 @@ from fastapi.responses import Response, StreamingResponse
 from pd.proxy.errors import ProxyError
 from pd.proxy.instances import Instance, InstancePool
 from pd.proxy.metrics import ProxyMetrics
+from pd.proxy.tokenizer import ModelTokenizer
 from pd.transfer import timeline
 from pd.transfer.params import KVTransferParams
 
@@ -88,10 +89,13 @@ class Flow(ABC):
         http: httpx.AsyncClient,
         timeout: httpx.Timeout,
         chat_output_parsed: bool = False,
+        tokenizer: ModelTokenizer | None = None,
     ) -> None:
         """``chat_output_parsed``: the instances parse chat output (a reasoning or tool
-        parser), so a chat answer's text cannot be cut at an arbitrary token."""
+        parser), so a chat answer's text cannot be cut at an arbitrary token.
+        ``tokenizer``: the instances' tokenizer, for a flow that writes text itself."""
         self._pool = pool
+        self._tokenizer = tokenizer
         self._chat_output_parsed = chat_output_parsed
         self._metrics = metrics
         self._http = http

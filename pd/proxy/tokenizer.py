@@ -1,9 +1,12 @@
-"""The model's tokenizer in the proxy, for routing policies that ask for token ids.
+"""The model's tokenizer in the proxy: token ids for routing policies that ask for them,
+and an answer's text for the streams the proxy writes itself (the first-token flow).
 
-Loaded on first use (a policy that never asks costs nothing) and run off the event
+Loaded on first use (a proxy that never asks costs nothing) and run off the event
 loop. It tokenizes as vLLM's OpenAI server does: a completion prompt with the
-tokenizer's special tokens, a chat through the model's chat template. A tokenizer
-that cannot be loaded is reported once; routing then goes by load.
+tokenizer's special tokens, a chat through the model's chat template. It detokenizes
+as vLLM's detokenizer does: a ``tokenizers`` DecodeStream primed with the prompt. A
+tokenizer that cannot be loaded is reported once; routing then goes by load, and the
+first-token flow sends the requests that need the proxy's text sequentially.
 """
 
 from __future__ import annotations
@@ -14,6 +17,40 @@ import threading
 from typing import Any
 
 logger = logging.getLogger(__name__)
+
+# tokenizers' DecodeStream raises this when a tokenizer's output is not monotonic;
+# vLLM's detokenizer then starts a new stream, and so does TextStream.
+_INVALID_PREFIX = "Invalid prefix encountered"
+
+
+class TextStream:
+    """An answer's text, token by token, as vLLM's detokenizer writes it for a request
+    with this prompt: the same DecodeStream, primed with the same prompt ids."""
+
+    def __init__(self, backend: Any, prompt_ids: list[int], skip_special_tokens: bool) -> None:
+        """``backend``: the fast tokenizer's ``tokenizers.Tokenizer``."""
+        from tokenizers.decoders import DecodeStream
+
+        self._backend = backend
+        self._skip_special_tokens = skip_special_tokens
+        self._stream = DecodeStream(ids=prompt_ids, skip_special_tokens=skip_special_tokens)
+
+    def text(self, token_ids: list[int]) -> str:
+        """The text these next tokens add ("" while a character is incomplete)."""
+        return "".join(self._step(token_id) or "" for token_id in token_ids)
+
+    def _step(self, token_id: int) -> str | None:
+        from tokenizers.decoders import DecodeStream
+
+        try:
+            return self._stream.step(self._backend, token_id)
+        except (OverflowError, TypeError):
+            return None  # an id the tokenizer does not know: vLLM writes nothing for it
+        except Exception as e:
+            if not str(e).startswith(_INVALID_PREFIX):
+                raise
+            self._stream = DecodeStream(skip_special_tokens=self._skip_special_tokens)
+            return self._stream.step(self._backend, token_id)
 
 
 class ModelTokenizer:
@@ -38,6 +75,19 @@ class ModelTokenizer:
                 return None  # several prompts: no single prompt to route by
             return await asyncio.to_thread(self._tokenize, prompt, body)
         return await asyncio.to_thread(self._tokenize, None, body)
+
+    async def text_stream(
+        self, prompt_ids: list[int], skip_special_tokens: bool
+    ) -> TextStream | None:
+        """A TextStream for an answer to ``prompt_ids``; None without a fast tokenizer
+        (vLLM detokenizes a slow one differently)."""
+        return await asyncio.to_thread(self._text_stream, prompt_ids, skip_special_tokens)
+
+    def _text_stream(self, prompt_ids: list[int], skip_special_tokens: bool) -> TextStream | None:
+        backend = getattr(self._load(), "_tokenizer", None)  # transformers' fast tokenizers
+        if backend is None:
+            return None
+        return TextStream(backend, prompt_ids, skip_special_tokens)
 
     def _tokenize(self, prompt: str | None, body: dict[str, Any]) -> list[int] | None:
         """``prompt``'s ids, or (None) those of the chat in ``body``."""
@@ -71,6 +121,8 @@ class ModelTokenizer:
                     self._tokenizer = AutoTokenizer.from_pretrained(self._model)
                 except Exception as e:
                     self._failed = True
-                    logger.warning("routing: the tokenizer of %s did not load (%r); "
-                                   "routing goes by load", self._model, e)  # fmt: skip
+                    logger.warning(
+                        "proxy: the tokenizer of %s did not load (%r); routing goes by "
+                        "load, first tokens wait for decode", self._model, e,
+                    )  # fmt: skip
             return self._tokenizer

@@ -42,7 +42,7 @@ PD_SYSTEMS = {
 }
 # What pd-serve runs on CPU instances when the config names no flow and no transport
 # (``auto`` is ZMQ for a KV cache in host memory).
-PD_DEFAULT = "pd-zmq-sequential"
+PD_DEFAULT = "pd-zmq-first-token"
 # Not run by default: what the instances' CPU priority changes (Ray's worker default is 15).
 PD_PRIORITY_VARIANTS = {
     "pd-nixl-sequential-nice15": ("nixl", "sequential", (15, 15)),
