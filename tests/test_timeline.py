@@ -13,7 +13,7 @@ from pd.decode.kv_consumer import KVConsumer
 from pd.transfer import timeline
 from pd.transfer.metadata import LoadSpec
 from pd.transfer.stats import TransferCounters
-from scripts.serving_bench.overhead import TIMELINE_STEPS, timeline_steps
+from scripts.serving_bench.overhead import FIRST_TOKEN_STEPS, TIMELINE_STEPS, timeline_steps
 
 
 @pytest.fixture
@@ -58,12 +58,27 @@ def test_the_overhead_is_split_at_each_mark_of_the_request_in_its_window(tmp_pat
     assert by_event["first_token"] == pytest.approx(4.0)
     assert by_event["proxy_first_chunk"] == pytest.approx(-3.0)
     total = 1000 * (windows[0][1] - (windows[0][0] + 0.001))
-    assert steps["total (prefill answer -> client)"] == pytest.approx(total)
+    assert steps["total (proxy_prefill_answer -> client)"] == pytest.approx(total)
     assert rows.exists()
     # A request that went another way (first token from the prefill leg) is left out,
     # and so is one missing a mark.
     assert timeline_steps(marks, windows, [{"prefill": 0.004}] * 2, [False, True])["requests"] == 1
     assert timeline_steps(marks[1:], windows[:1], [{"prefill": 0.004}], [True]) == {}
+
+
+def test_a_first_token_request_is_split_from_the_client_sending_it():
+    """The first-token path: nothing of decode's, and its first step is the client's."""
+    path = [e for e, _ in FIRST_TOKEN_STEPS if e not in ("client_sent", "client")]
+    marks = [{"ev": e, "rid": "x", "t": 100.0 + 0.002 * (i + 1)} for i, e in enumerate(path)]
+    steps = timeline_steps(marks, [(100.0, 100.01)], [{}], [True], path=FIRST_TOKEN_STEPS)
+    assert steps["requests"] == 1
+    by_event = {key.split(":")[0]: ms for key, ms in steps.items() if ":" in key}
+    assert list(by_event) == [e for e, _ in FIRST_TOKEN_STEPS[1:]]
+    assert by_event["proxy_prefill_sent"] == pytest.approx(2.0)
+    assert by_event["client"] == pytest.approx(4.0)
+    assert steps["total (client_sent -> client)"] == pytest.approx(10.0)
+    # The sequential path's marks are not there: no row for it.
+    assert timeline_steps(marks, [(100.0, 100.01)], [{}], [True]) == {}
 
 
 def test_a_load_is_reported_before_its_lease_is_released():

@@ -155,6 +155,7 @@ class Flow(ABC):
         inst.inflight_requests += 1
         inst.outstanding_prompt_tokens += leg.prompt_tokens
         sent = time.monotonic()
+        timeline.mark("proxy_prefill_sent")
         post = self._http.post(f"{inst.url}/v1/{leg.endpoint}", json=body, timeout=self._timeout)
         try:
             response = await unless_left(inst, post)

@@ -96,12 +96,16 @@ def pd_overhead(system: PdServe, url: str) -> dict[str, Any]:
     for key in scrape.DECODE_SUMS:
         result[f"decode_{key}_p50_ms"] = p50_ms([d[key] for d in decode_side], False)
     if system.timeline is not None and system.timeline.exists():
-        steps = timeline_steps(
-            timeline.read(str(system.timeline)), windows[WARM_UP:], decode_side[WARM_UP:],
-            [not h for h in handed_off[WARM_UP:]], system.timeline.with_suffix(".rows.json"),
-        )  # fmt: skip
-        if steps:
-            result["timeline"] = steps
+        marks = timeline.read(str(system.timeline))
+        for key, path, which in (("timeline", TIMELINE_STEPS, False),
+                                 ("first_token_timeline", FIRST_TOKEN_STEPS, True)):  # fmt: skip
+            steps = timeline_steps(
+                marks, windows[WARM_UP:], decode_side[WARM_UP:],
+                [h == which for h in handed_off[WARM_UP:]],
+                system.timeline.with_suffix(f".{key}.rows.json"), path,
+            )  # fmt: skip
+            if steps:
+                result[key] = steps
     if any(handed_off):
         counted = handed_off[WARM_UP:]
         result["first_token_handoffs"] = f"{sum(counted)} of {len(counted)}"
@@ -133,38 +137,50 @@ TIMELINE_STEPS = (
 )
 
 
+# The same for a request whose first token left with the prefill answer (first-token
+# flow), from the client sending it: nothing of decode's is on this path.
+FIRST_TOKEN_STEPS = (
+    ("client_sent", "client sent the request"),
+    ("proxy_prefill_sent", "proxy sent the prefill leg (HTTP in, validation, routing)"),
+    ("proxy_prefill_answer", "proxy got prefill's answer (the prefill instance's own time)"),
+    ("proxy_first_chunk", "proxy sent the first token (prefill's, in the opening event)"),
+    ("client", "client got the first token"),
+)
+
+
 def timeline_steps(
     marks: list[dict[str, Any]], windows: list[tuple[float, float]],
-    decode_side: list[dict[str, float]], sequential: list[bool], rows_path: Path | None = None,
+    decode_side: list[dict[str, float]], selected: list[bool], rows_path: Path | None = None,
+    path: tuple[tuple[str, str], ...] = TIMELINE_STEPS,
 ) -> dict[str, Any]:  # fmt: skip
-    """Per step of TIMELINE_STEPS, the p50 in ms since the previous one, over the
-    sequential requests whose marks all fell inside their own window (one request at a
-    time: a window's marks are its request's)."""
+    """Per step of ``path``, the p50 in ms since the previous one, over the selected
+    requests whose marks all fell inside their own window (one request at a time: a
+    window's marks are its request's)."""
     rows: list[list[float]] = []
     raw: list[dict[str, Any]] = []  # each request's marks, for a closer look
-    for (sent, first), side, seq in zip(windows, decode_side, sequential, strict=True):
-        if not seq:
+    for (sent, first), side, chosen in zip(windows, decode_side, selected, strict=True):
+        if not chosen:
             continue
-        times: dict[str, float] = {}
+        times: dict[str, float] = {"client_sent": sent}
         for mark in marks:
             if sent <= mark["t"] <= first + 0.001:
                 times.setdefault(mark["ev"], mark["t"])
         if "compute_scheduled" in times and side.get("prefill") is not None:
             times["first_token"] = times["compute_scheduled"] + side["prefill"]
         times["client"] = first
-        if all(event in times for event, _ in TIMELINE_STEPS):
-            rows.append([times[event] for event, _ in TIMELINE_STEPS])
+        if all(event in times for event, _ in path):
+            rows.append([times[event] for event, _ in path])
             raw.append({"times": times, "decode": side})
     if not rows:
         return {}
     if rows_path is not None:
         rows_path.write_text(json.dumps(raw))
     steps: dict[str, Any] = {"requests": len(rows)}
-    for i, (event, what) in enumerate(TIMELINE_STEPS[1:], start=1):
+    for i, (event, what) in enumerate(path[1:], start=1):
         steps[f"{event}: {what}"] = round(
             1000 * statistics.median(r[i] - r[i - 1] for r in rows), 2
         )
-    steps["total (prefill answer -> client)"] = round(
+    steps[f"total ({path[0][0]} -> client)"] = round(
         1000 * statistics.median(r[-1] - r[0] for r in rows), 2
     )
     return steps

@@ -170,14 +170,15 @@ def overhead_lines(overhead: dict[str, Any], prompt_len: int) -> list[str]:
                 f" paired {o.get('handed_off_paired_overhead_p50_ms') or nan:.1f} and "
                 f"{o.get('sequential_paired_overhead_p50_ms') or nan:.1f} ms"
             )
-        if timeline := o.get("timeline"):
-            lines.append(
-                f"  - where it goes, per process (pd.transfer.timeline marks, p50 of each "
-                f"step over {timeline['requests']} sequential requests, ms since the previous "
-                "step):"
-            )
-            lines += [f"    - {step}: {ms:.2f}" for step, ms in timeline.items()
-                      if step != "requests"]  # fmt: skip
+        for key, kind in (("first_token_timeline", "first-token"), ("timeline", "sequential")):
+            if timeline := o.get(key):
+                lines.append(
+                    f"  - where it goes, per process (pd.transfer.timeline marks, p50 of each "
+                    f"step over {timeline['requests']} {kind} requests, ms since the previous "
+                    "step):"
+                )
+                lines += [f"    - {step}: {ms:.2f}" for step, ms in timeline.items()
+                          if step != "requests"]  # fmt: skip
     return lines
 
 
