@@ -79,6 +79,9 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        # In the background: the proxy answers /health meanwhile (a tokenizer that does
+        # not load is reported, and the flows and policies do without it).
+        loading = asyncio.create_task(tokenizer.load()) if tokenizer else None
         await pool.check_all()
         checker = asyncio.create_task(pool.run())
         background = asyncio.create_task(policy.run(pool))  # e.g. KV events in
@@ -88,6 +91,8 @@ def create_app(
         finally:
             checker.cancel()
             background.cancel()
+            if loading is not None:
+                loading.cancel()
 
     app = FastAPI(title="pd", lifespan=lifespan)
     app.state.pool = pool

@@ -1,10 +1,10 @@
 """The model's tokenizer in the proxy: token ids for routing policies that ask for them,
 and an answer's text for the streams the proxy writes itself (the first-token flow).
 
-Loaded on first use (a proxy that never asks costs nothing) and run off the event
-loop. It tokenizes as vLLM's OpenAI server does: a completion prompt with the
-tokenizer's special tokens, a chat through the model's chat template. It detokenizes
-as vLLM's detokenizer does: a ``tokenizers`` DecodeStream primed with the prompt. A
+Loaded when the proxy starts (``load``) and run off the event loop. It tokenizes as
+vLLM's OpenAI server does: a completion prompt with the tokenizer's special tokens, a
+chat through the model's chat template. It detokenizes as vLLM's detokenizer does: a
+``tokenizers`` DecodeStream primed with the prompt. A
 tokenizer that cannot be loaded is reported once; routing then goes by load, and the
 first-token flow sends the requests that need the proxy's text sequentially.
 """
@@ -60,6 +60,12 @@ class ModelTokenizer:
         self._tokenizer: Any = None
         self._failed = False
         self._lock = threading.Lock()
+
+    async def load(self) -> None:
+        """Load it now, off the event loop: importing transformers and reading the
+        tokenizer holds the GIL for seconds, which the first request that needs it
+        would otherwise wait for (and every request in flight with it)."""
+        await asyncio.to_thread(self._load)
 
     async def token_ids(self, endpoint: str, body: dict[str, Any]) -> list[int] | None:
         prompt = body.get("prompt")
