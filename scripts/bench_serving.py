@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         out_dir = args.out_dir or Path(tempfile.mkdtemp(prefix="bench-serving-smoke-"))
         if out_dir.resolve() == RESULTS:
             parser.error(f"--smoke never writes over {RESULTS}")
-        # pd's default on CPU (ZMQ, sequential): it needs no NIXL
+        # pd's default on CPU (ZMQ, first-token): it needs no NIXL
         systems = args.systems or [PD_DEFAULT]
     else:
         out_dir = args.out_dir or RESULTS
