@@ -205,7 +205,7 @@ class Continuation:
         chunk["id"] = self._id
         for choice in chunk.get("choices") or []:
             if self._text is not None:
-                self._write_text(chunk, choice)
+                self._write_text(self._text, chunk, choice)
             delta = choice.get("delta")
             if not isinstance(delta, dict) or "role" not in delta:
                 continue
@@ -218,7 +218,7 @@ class Continuation:
             usage["completion_tokens"] = usage.get("completion_tokens", 0) + 1
         return _event(chunk)
 
-    def _write_text(self, chunk: dict[str, Any], choice: dict[str, Any]) -> None:
+    def _write_text(self, text: TextStream, chunk: dict[str, Any], choice: dict[str, Any]) -> None:
         ids = choice.get("token_ids") or []
         for fields in (chunk, choice):  # as they read when not asked for
             for key in ("token_ids", "prompt_token_ids"):
@@ -226,14 +226,13 @@ class Continuation:
                     fields[key] = None
         if choice.get("finish_reason") == "stop" and ids and not self._stop_in_text:
             ids = ids[:-1]  # the stop token: vLLM's detokenizer skips it too
-        assert self._text is not None
-        text = self._text.text(ids)
+        written = text.text(ids)
         delta = choice.get("delta")
         if isinstance(delta, dict):
-            if text or "content" in delta:
-                delta["content"] = text
+            if written or "content" in delta:
+                delta["content"] = written
         else:
-            choice["text"] = text
+            choice["text"] = written
 
 
 def _event(chunk: dict[str, Any]) -> bytes:

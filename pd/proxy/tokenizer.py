@@ -4,9 +4,9 @@ and an answer's text for the streams the proxy writes itself (the first-token fl
 Loaded when the proxy starts (``load``) and run off the event loop. It tokenizes as
 vLLM's OpenAI server does: a completion prompt with the tokenizer's special tokens, a
 chat through the model's chat template. It detokenizes as vLLM's detokenizer does: a
-``tokenizers`` DecodeStream primed with the prompt. A
-tokenizer that cannot be loaded is reported once; routing then goes by load, and the
-first-token flow sends the requests that need the proxy's text sequentially.
+``tokenizers`` DecodeStream primed with the prompt. A tokenizer that cannot be loaded
+is reported once; routing then goes by load, and the first-token flow sends the
+requests that need the proxy's text sequentially.
 """
 
 from __future__ import annotations
@@ -40,8 +40,6 @@ class TextStream:
         return "".join(self._step(token_id) or "" for token_id in token_ids)
 
     def _step(self, token_id: int) -> str | None:
-        from tokenizers.decoders import DecodeStream
-
         try:
             return self._stream.step(self._backend, token_id)
         except (OverflowError, TypeError):
@@ -49,6 +47,8 @@ class TextStream:
         except Exception as e:
             if not str(e).startswith(_INVALID_PREFIX):
                 raise
+            from tokenizers.decoders import DecodeStream  # the rare reset, off the token path
+
             self._stream = DecodeStream(skip_special_tokens=self._skip_special_tokens)
             return self._stream.step(self._backend, token_id)
 
