@@ -359,3 +359,14 @@ def test_the_header_names_the_format(disk: DiskTier) -> None:
     assert (magic, version, key_len, ns, payload_len) == (b"PDKV", 1, 32, k.namespace, 1000)
     assert head[HEADER.size :] == k.block_hash and bytes(body) == payload(k)
     assert HEADER.size == 52 and 0 <= crc < 2**32
+
+
+def test_readahead_hints_stored_entries_only_and_counts_no_hit(disk: DiskTier) -> None:
+    ks = keys(4)
+    for k in ks[:3]:
+        disk.put(k, payload(k))
+    disk.path_of(ks[2]).unlink()  # deleted behind its back: skipped, not raised
+    assert disk.readahead(ks) == 2
+    s = disk.stats()
+    assert (s.hits, s.misses) == (0, 0)
+    assert disk.get(ks[0]) == payload(ks[0])  # the hint changes nothing read

@@ -29,6 +29,7 @@ from pd.store.client import StoreClient
 from pd.store.config import StoreConfig
 from pd.store.server import PID_FILE
 from pd.store.spawn import LOG_FILE, ensure_server, ping
+from pd.store.stats import StoreStats
 from tests.store_helpers import NAMESPACE, block_hashes, files_under, payload
 
 REPO = Path(__file__).resolve().parents[1]
@@ -205,6 +206,11 @@ def test_killed_store_misses_within_the_timeout_then_respawns_with_its_disk_entr
         second = server_pid(store)
         assert second is not None and second != first
         assert client.lookup(NAMESPACE, hashes).disk_blocks == 5  # the host tier died with it
+        # A lookup's disk-only hit is hinted into the page cache for the load to come.
+        wait_until(
+            lambda: (client.stats() or StoreStats(None, None)).readahead_blocks >= 5,
+            "the lookup's readahead",
+        )
         assert client.get_many(NAMESPACE, hashes) == [data for _, data in items]
         stats = client.stats()
         assert stats is not None and stats.disk is not None

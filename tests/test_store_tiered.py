@@ -12,6 +12,7 @@ import pytest
 
 from pd.store import DiskTier, HostTier, PrefixHit, TieredStore
 from pd.store.entry import HEADER
+from pd.store.keys import BlockKey
 from tests.store_helpers import bytes_under, keys, payload
 
 ENTRY_NBYTES = HEADER.size + 32 + 1000
@@ -199,3 +200,55 @@ def test_concurrent_puts_and_gets_return_only_the_right_bytes(tmp_path: Path) ->
     assert bytes_under(store.disk.root) == s.disk.usage_bytes
     assert list(store.disk.root.rglob("*.tmp")) == []
     store.close()
+
+
+def test_get_many_reads_host_then_disk_in_order_and_promotes(store: TieredStore) -> None:
+    ks = keys(8)
+    for i, k in enumerate(ks):
+        if i != 3:
+            store.put(k, payload(k))
+    # The host tier holds the last 4 stored (4..7); 0-2 are on disk only; 3 nowhere.
+    got = store.get_many(ks)
+    assert got == [None if i == 3 else payload(k) for i, k in enumerate(ks)]
+    s = store.stats()
+    assert s.disk is not None and s.disk.hits == 3 and s.promotions == 3
+    assert store.get_many([]) == []
+
+
+class _RendezvousDisk(DiskTier):
+    """A disk tier whose reads wait until ``parties`` of them are in flight at once."""
+
+    def __init__(self, root: Path, parties: int) -> None:
+        super().__init__(root, capacity_bytes=10**6)
+        self.barrier = threading.Barrier(parties, timeout=10)
+
+    def get(self, key: BlockKey) -> bytes | None:
+        self.barrier.wait()  # BrokenBarrierError (a failed test) if reads ran in turn
+        return super().get(key)
+
+
+def test_get_many_reads_disk_blocks_concurrently(tmp_path: Path) -> None:
+    disk = _RendezvousDisk(tmp_path / "d", parties=4)
+    store = TieredStore(None, disk, disk_readers=4)
+    store.open()
+    try:
+        ks = keys(4)
+        for k in ks:
+            store.put(k, payload(k))
+        assert store.get_many(ks) == [payload(k) for k in ks]
+    finally:
+        store.close()
+
+
+def test_get_many_with_one_reader_reads_in_turn(tmp_path: Path) -> None:
+    store = TieredStore(None, DiskTier(tmp_path / "d", 10**6), disk_readers=1)
+    store.open()
+    try:
+        ks = keys(3)
+        for k in ks:
+            store.put(k, payload(k))
+        assert store.get_many(ks) == [payload(k) for k in ks]
+    finally:
+        store.close()
+    with pytest.raises(ValueError, match="disk_readers"):
+        TieredStore(None, None, disk_readers=0)

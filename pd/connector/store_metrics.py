@@ -56,6 +56,8 @@ STORE_COUNTERS = {
     "lookups": "prefix lookups the store answered (every instance's)",
     "lookup_blocks": "blocks the store's lookups asked about",
     "promotions": "disk hits copied up into the host tier",
+    "readahead_blocks": "disk-only blocks of a lookup's hit the store asked the kernel to "
+    "read ahead",
 }
 LATENCY = {"get": "one block's read from the tier", "put": "one block's write into the tier"}
 REFRESH_WAIT_S = 0.1

@@ -94,13 +94,14 @@ class StoreClient:
 
     def get_many(
         self, namespace: StoreNamespace, block_hashes: Sequence[bytes], expected_bytes: int = 0
-    ) -> list[bytes | None]:
-        """Each block's bytes, ``None`` for a miss; all ``None`` on failure.
+    ) -> list[memoryview | None]:
+        """Each block's bytes, ``None`` for a miss; all ``None`` on failure. The bytes
+        are views of the received message (a copy of a 16-block load cost ~3 ms).
 
         ``expected_bytes`` (the blocks' total size, when the caller knows it) extends the
         call's deadline by the time those bytes take at ``SLOW_TRANSFER_BYTES_PER_S``.
         """
-        misses: list[bytes | None] = [None] * len(block_hashes)
+        misses: list[memoryview | None] = [None] * len(block_hashes)
         if not block_hashes:
             return misses
         result = self._call(
@@ -114,7 +115,7 @@ class StoreClient:
             self._failed(f"malformed get reply ({len(frames)} frames for {reply.found})")
             return misses
         payloads = iter(frames)
-        return [next(payloads).bytes if found else None for found in reply.found]
+        return [next(payloads).buffer if found else None for found in reply.found]
 
     def put_many(self, namespace: StoreNamespace, items: Sequence[tuple[bytes, Payload]]) -> int:
         """Store ``(block hash, payload)`` pairs; the number stored, 0 on failure.

@@ -10,7 +10,9 @@ starts it, detached, on a client's first call). It
   logs one line with their sizes and what was recovered;
 - binds a ROUTER on ``ipc://<socket_dir>/store.sock``; one thread answers lookups,
   pings, registrations and stats itself and queues gets and puts for a few worker
-  threads (``TieredStore`` is thread-safe; disk reads and writes release the GIL);
+  threads (``TieredStore`` is thread-safe; disk reads and writes release the GIL); a
+  lookup that finds blocks on disk only also queues their readahead into the page
+  cache, so the load that follows it reads memory;
 - lives while any client process lives: every request carries its sender's pid, and
   the server exits once ``linger_s`` (30 s) passed with no request and none of the
   pids it has seen (nor ``--owner-pid``, e.g. pd-serve's store actor) is alive. A
@@ -218,6 +220,14 @@ class _Server:
             reply = self._handle(job)
         self._frontend.send_multipart(reply, copy=False)
 
+    def _queue_readahead(self, keys: list[BlockKey]) -> None:
+        """Have a worker hint a lookup's hit into the page cache while the engine
+        schedules its load (a hint: dropped when the workers are busy)."""
+        if self._jobs.qsize() >= _MAX_QUEUED // 2:
+            return  # never take the room of gets and puts
+        with contextlib.suppress(queue.Full):
+            self._jobs.put_nowait(_Job(b"", 0, _Readahead(keys), ()))
+
     def _idle(self) -> bool:
         with self._lock:
             if time.monotonic() - self._last_request < self.linger_s:
@@ -237,6 +247,9 @@ class _Server:
                     continue
                 if job is None:
                     break
+                if isinstance(job.request, _Readahead):
+                    self.store.readahead(job.request.keys)
+                    continue
                 reply = self._handle(job)
                 if not self.stop.is_set():
                     sock.send_multipart(reply, copy=False)
@@ -283,17 +296,15 @@ class _Server:
         store = self.store
         match request:
             case protocol.Lookup(namespace, hashes):
-                hit = store.lookup_prefix(_keys(namespace, hashes))
+                keys = _keys(namespace, hashes)
+                hit = store.lookup_prefix(keys)
+                if hit.disk_blocks:
+                    self._queue_readahead(keys[: hit.num_blocks])
                 return protocol.LookupReply(hit.host_blocks, hit.disk_blocks), []
             case protocol.Get(namespace, hashes):
-                found: list[bool] = []
-                out: list[bytes | memoryview] = []
-                for key in _keys(namespace, hashes):
-                    data = store.get(key)
-                    found.append(data is not None)
-                    if data is not None:
-                        out.append(data)
-                return protocol.GetReply(found), out
+                blocks = store.get_many(_keys(namespace, hashes))
+                found = [data is not None for data in blocks]
+                return protocol.GetReply(found), [data for data in blocks if data is not None]
             case protocol.Put(namespace, hashes):
                 if len(payloads) != len(hashes):
                     raise protocol.ProtocolError(
@@ -317,10 +328,18 @@ class _Server:
 
 
 @dataclass(frozen=True)
+class _Readahead:
+    """The server's own job, no reply: hint a lookup's hit into the page cache."""
+
+    keys: list[BlockKey]
+
+
+@dataclass(frozen=True)
 class _Job:
     identity: bytes
     request_id: int
-    request: protocol.Request | Exception  # the decoding error of a bad request
+    # _Readahead: the server's own; an exception: the decoding error of a bad request
+    request: protocol.Request | _Readahead | Exception
     payloads: Sequence[zmq.Frame]
 
 

@@ -131,6 +131,7 @@ class StoreStats:
     lookup_host_blocks: int = 0  # leading blocks found in the host tier
     lookup_disk_blocks: int = 0  # leading blocks found only on disk
     promotions: int = 0  # disk hits copied up into the host tier
+    readahead_blocks: int = 0  # disk-only blocks of a lookup's hit hinted into page cache
     # "<tier>_get" / "<tier>_put" -> one block's get or put in that tier, hit or miss
     latency: dict[str, HistogramSnapshot] = field(default_factory=dict)
 

@@ -2,8 +2,14 @@
 
 - ``lookup_prefix`` (scheduler side, once per request): how many leading blocks
   are stored, and in which tier, without reading them.
-- ``get`` (worker side, per block loaded): host first, else disk; a disk hit is
-  copied up into the host tier (promotion), so the next load of it is from memory.
+- ``get_many`` (worker side, the blocks of one load): host first, else disk; a
+  disk hit is copied up into the host tier (promotion), so the next load of it is
+  from memory. A load's disk reads run on ``disk_readers`` threads at once (reads
+  and checksums release the GIL): 16 cold 1 MiB blocks took 22 ms one after another
+  and 13-15 ms on 4 threads here, where the engine waits idle for the load.
+- ``readahead`` (right after a lookup found blocks on disk only): the disk tier
+  starts reading them into the page cache, so the load that follows, one or more
+  engine steps later, finds most of them in memory.
 - ``put`` (a saver thread, per block saved): into the host tier and written
   through to disk in the same call. Write-through, not write-back on host
   eviction: a crash or restart loses nothing already saved, and the host tier's
@@ -20,6 +26,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from pd.store.disk import DiskTier
@@ -29,6 +36,8 @@ from pd.store.stats import LatencyHistogram, StoreStats
 from pd.store.tier import Payload
 
 logger = logging.getLogger(__name__)
+
+DISK_READERS = 4  # a load's disk reads in flight at once
 
 
 @dataclass(frozen=True)
@@ -51,15 +60,25 @@ class PrefixHit:
 class TieredStore:
     """Host tier over disk tier, for any number of namespaces (keys carry theirs)."""
 
-    def __init__(self, host: HostTier | None, disk: DiskTier | None) -> None:
+    def __init__(
+        self, host: HostTier | None, disk: DiskTier | None, disk_readers: int = DISK_READERS
+    ) -> None:
+        if disk_readers < 1:
+            raise ValueError(f"disk_readers must be >= 1, got {disk_readers}")
         self.host = host
         self.disk = disk
+        self._readers = (
+            ThreadPoolExecutor(disk_readers, thread_name_prefix="store-disk-read")
+            if disk is not None and disk_readers > 1
+            else None
+        )
         self._lock = threading.Lock()
         self._lookups = 0
         self._lookup_blocks = 0
         self._lookup_host_blocks = 0
         self._lookup_disk_blocks = 0
         self._promotions = 0
+        self._readahead_blocks = 0
         self._latency = {
             f"{tier}_{op}": LatencyHistogram()
             for tier, present in (("host", host), ("disk", disk))
@@ -74,6 +93,8 @@ class TieredStore:
         logger.info("KV store: %s", self.describe())
 
     def close(self) -> None:
+        if self._readers is not None:
+            self._readers.shutdown(wait=True)
         if self.disk is not None:
             self.disk.close()
 
@@ -111,18 +132,50 @@ class TieredStore:
             self._lookup_disk_blocks += disk_blocks
         return PrefixHit(host_blocks, disk_blocks)
 
+    def readahead(self, keys: Sequence[BlockKey]) -> int:
+        """Hint the disk tier to read those of ``keys`` the host tier lacks; how many
+        it hinted."""
+        if self.disk is None:
+            return 0
+        on_disk_only = [k for k in keys if self.host is None or not self.host.contains(k)]
+        hinted = self.disk.readahead(on_disk_only) if on_disk_only else 0
+        with self._lock:
+            self._readahead_blocks += hinted
+        return hinted
+
     def contains(self, key: BlockKey) -> bool:
         return (self.host is not None and self.host.contains(key)) or (
             self.disk is not None and self.disk.contains(key)
         )
 
     def get(self, key: BlockKey) -> bytes | memoryview | None:
-        if self.host is not None:
-            started = time.perf_counter()
-            data = self.host.get(key)
-            self._observe("host_get", started)
-            if data is not None:
-                return data
+        data = self._get_from_host(key)
+        return data if data is not None else self._get_from_disk(key)
+
+    def get_many(self, keys: Sequence[BlockKey]) -> list[bytes | memoryview | None]:
+        """Each key's bytes or ``None``, in order; what the host tier lacks is read from
+        disk on several threads at once."""
+        found = [self._get_from_host(key) for key in keys]
+        missing = [i for i, data in enumerate(found) if data is None]
+        if self.disk is None or not missing:
+            return found
+        if self._readers is None or len(missing) == 1:
+            read = [self._get_from_disk(keys[i]) for i in missing]
+        else:
+            read = list(self._readers.map(self._get_from_disk, [keys[i] for i in missing]))
+        for i, data in zip(missing, read, strict=True):
+            found[i] = data
+        return found
+
+    def _get_from_host(self, key: BlockKey) -> bytes | memoryview | None:
+        if self.host is None:
+            return None
+        started = time.perf_counter()
+        data = self.host.get(key)
+        self._observe("host_get", started)
+        return data
+
+    def _get_from_disk(self, key: BlockKey) -> bytes | memoryview | None:
         if self.disk is None:
             return None
         started = time.perf_counter()
@@ -163,6 +216,7 @@ class TieredStore:
                 lookup_host_blocks=self._lookup_host_blocks,
                 lookup_disk_blocks=self._lookup_disk_blocks,
                 promotions=self._promotions,
+                readahead_blocks=self._readahead_blocks,
                 latency={name: h.snapshot() for name, h in self._latency.items()},
             )
 
