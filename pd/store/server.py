@@ -216,9 +216,28 @@ class _Server:
                 with self._lock:
                     self._warnings.warn("busy", f"{_MAX_QUEUED} gets/puts queued; refused one")
                 reply = self._error(job, "store busy: too many gets and puts queued")
+        elif isinstance(job.request, protocol.Lookup):
+            reply, on_disk_only = self._lookup(job, job.request)
+            self._frontend.send_multipart(reply, copy=False)
+            if on_disk_only:  # after the reply: the scheduler waits for it, not for this
+                self._queue_readahead(on_disk_only)
+            return
         else:
             reply = self._handle(job)
         self._frontend.send_multipart(reply, copy=False)
+
+    def _lookup(
+        self, job: _Job, lookup: protocol.Lookup
+    ) -> tuple[list[bytes | memoryview], list[BlockKey]]:
+        """The reply to a lookup, and its hit's keys when some are on disk only."""
+        keys = _keys(lookup.namespace, lookup.block_hashes)
+        try:
+            hit = self.store.lookup_prefix(keys)
+        except Exception as e:  # a bad request must not take the store down
+            return self._error(job, f"{type(e).__name__}: {e}"), []
+        body = protocol.LookupReply(hit.host_blocks, hit.disk_blocks)
+        reply = [job.identity, protocol.encode_reply(job.request_id, body)]
+        return reply, keys[: hit.num_blocks] if hit.disk_blocks else []
 
     def _queue_readahead(self, keys: list[BlockKey]) -> None:
         """Have a worker hint a lookup's hit into the page cache while the engine
@@ -295,12 +314,6 @@ class _Server:
     ) -> tuple[protocol.Reply, list[bytes | memoryview]]:
         store = self.store
         match request:
-            case protocol.Lookup(namespace, hashes):
-                keys = _keys(namespace, hashes)
-                hit = store.lookup_prefix(keys)
-                if hit.disk_blocks:
-                    self._queue_readahead(keys[: hit.num_blocks])
-                return protocol.LookupReply(hit.host_blocks, hit.disk_blocks), []
             case protocol.Get(namespace, hashes):
                 blocks = store.get_many(_keys(namespace, hashes))
                 found = [data is not None for data in blocks]
