@@ -98,6 +98,8 @@ def merge(earlier: dict[str, Any], rerun: dict[str, Any], parts: tuple[str, ...]
     micro = dict(earlier.get("micro", {}))
     if "lookup" in parts:
         micro["lookup_on_miss"] = rerun["micro"].get("lookup_on_miss", {})
+    if "diskload" in parts:
+        micro["disk_load"] = rerun["micro"].get("disk_load", {})
     if "step" in parts:
         micro["step_time"] = rerun["micro"]["step_time"]
     merged["micro"] = micro

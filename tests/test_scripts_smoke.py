@@ -118,6 +118,9 @@ def check_bench_reuse(run: subprocess.CompletedProcess[str], out: Path) -> None:
         assert data["micro"]["step_time"][system]["engine_step_ms"] > 0, data["micro"]
     lookup = data["micro"]["lookup_on_miss"]
     assert lookup["missed"] == lookup["calls"] > 0 and lookup["p50_ms"] > 0, lookup
+    disk = data["micro"]["disk_load"]  # every lookup of the A/B hinted all its blocks
+    assert disk["readahead_blocks"] >= disk["pairs"] * disk["blocks"] > 0, disk
+    assert disk["after_lookup"]["p50_ms"] > 0 and disk["no_lookup"]["p50_ms"] > 0, disk
     report = (out / "reuse.md").read_text()
     assert "Command: `.venv/bin/python scripts/bench_reuse.py --smoke" in report
     assert "| a lookup that misses everywhere, p50 |" in report

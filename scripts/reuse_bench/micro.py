@@ -5,6 +5,12 @@ lookup_on_miss
     scheduler makes in ``get_num_new_matched_tokens``) against the running store
     process of the benchmark's instance, holding what the other phases stored, with a
     whole max_model_len prompt's worth of block hashes that are not stored.
+disk_load_readahead
+    What the store's readahead buys a load from disk: a store process of its own
+    (host tier off, so every get reads the disk) holding 16 blocks of the small
+    model's size, the page cache dropped before each load; pairs alternating: a
+    lookup, one engine step's wait, then the get (the lookup hints the blocks into the
+    page cache, as the scheduler's does), against the get with no lookup before it.
 step_time_paired
     A fixed decode-heavy load (unique prompts: nothing to reuse, every prompt saved
     by the store system) on both systems, started side by side, in alternating rounds
@@ -20,6 +26,7 @@ import os
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -68,6 +75,57 @@ def lookup_on_miss(store: dict[str, Any], settings: Settings) -> dict[str, Any]:
         if stats else {},
         **{f"p{q}_ms": percentile(ordered, q) for q in (50, 90, 99)},
     }  # fmt: skip
+
+
+DISK_LOAD_BLOCKS = 16  # a 2048-token document's blocks
+DISK_LOAD_BLOCK_BYTES = 1 << 20  # the small model's block of 128 tokens (float32)
+DISK_LOAD_PAIRS = 12
+ENGINE_STEP_S = 0.015  # between the scheduler's lookup and the worker's get: a step or more
+
+
+def disk_load_readahead(root: Path) -> dict[str, Any]:
+    from .systems import drop_page_cache, stop_store
+
+    store = {"host_gib": 0, "disk_path": str(root / "disk"), "disk_gib": 1,
+             "socket_dir": str(root / "sock"), "timeout_ms": 3000}  # fmt: skip
+    client = StoreClient(StoreConfig.from_dict(store))
+    samples: dict[str, list[float]] = {"after_lookup": [], "no_lookup": [], "lookup": []}
+    try:
+        client.register(PROBE_NAMESPACE)
+        hashes = [os.urandom(32) for _ in range(DISK_LOAD_BLOCKS)]
+        items = [(h, os.urandom(DISK_LOAD_BLOCK_BYTES)) for h in hashes]
+        if client.put_many(PROBE_NAMESPACE, items) != DISK_LOAD_BLOCKS:
+            return {"error": "the store did not take the blocks"}
+        for _ in range(DISK_LOAD_PAIRS):
+            for arm in ("after_lookup", "no_lookup"):
+                drop_page_cache(root / "disk")
+                time.sleep(0.2)
+                if arm == "after_lookup":
+                    start = time.perf_counter()
+                    hit = client.lookup(PROBE_NAMESPACE, hashes)
+                    samples["lookup"].append(1000 * (time.perf_counter() - start))
+                    if hit.disk_blocks != DISK_LOAD_BLOCKS:
+                        return {"error": f"lookup found {hit}"}
+                    time.sleep(ENGINE_STEP_S)
+                start = time.perf_counter()
+                got = client.get_many(PROBE_NAMESPACE, hashes)
+                samples[arm].append(1000 * (time.perf_counter() - start))
+                if any(g is None for g in got):
+                    return {"error": "a get missed"}
+        stats = client.stats()
+    finally:
+        client.close()
+        stop_store(store)
+    out: dict[str, Any] = {
+        "pairs": DISK_LOAD_PAIRS, "blocks": DISK_LOAD_BLOCKS,
+        "block_bytes": DISK_LOAD_BLOCK_BYTES, "step_s": ENGINE_STEP_S,
+        "readahead_blocks": stats.readahead_blocks if stats else None,
+    }  # fmt: skip
+    for arm, values in samples.items():
+        ordered = sorted(values)
+        out[arm] = {f"p{q}_ms": percentile(ordered, q) for q in (50, 90)}
+        out[arm]["mean_ms"] = sum(values) / len(values)
+    return out
 
 
 # After a round: the store's puts are settled once they stopped growing for this long;

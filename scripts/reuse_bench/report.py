@@ -228,6 +228,22 @@ def micro_lines(results: dict[str, Any]) -> list[str]:
             "bound), over "
             f"{cold['vllm:pd_kv_store_lookup_seconds_count']:.0f} lookups."
         )
+    disk = micro.get("disk_load", {})
+    if "after_lookup" in disk:
+        after, alone, lookup = disk["after_lookup"], disk["no_lookup"], disk["lookup"]
+        lines.append(
+            f"- A load from disk, and what the store's readahead buys it: a store process "
+            f"of its own (host tier off) holding {disk['blocks']} blocks of "
+            f"{disk['block_bytes'] // 1024} KiB, the page cache dropped before each get, "
+            f"{disk['pairs']} pairs alternating. The get {1000 * disk['step_s']:.0f} ms (a "
+            f"step) after a lookup that hinted its blocks into the page cache: p50 "
+            f"{after['p50_ms']:.1f} ms, p90 {after['p90_ms']:.1f} ms; with no lookup before "
+            f"it: p50 {alone['p50_ms']:.1f} ms, p90 {alone['p90_ms']:.1f} ms "
+            f"(**{after['p50_ms'] / alone['p50_ms']:.2f}x** at p50); the lookups themselves "
+            f"p50 {lookup['p50_ms']:.2f} ms."
+        )
+    elif disk:
+        lines.append(f"- Disk load: failed: {disk.get('error', '')[:200]}")
     step = micro.get("step_time", {})
     if step:
         lines += [

@@ -40,13 +40,13 @@ def other_engines() -> int:
     return len(found.stdout.split())
 
 
-PARTS = ("docqa", "trace", "lookup", "step")
+PARTS = ("docqa", "trace", "lookup", "diskload", "step")
 
 
 def part_of(phase_name: str) -> str:
     """The part a phase belongs to, by its name ("store docqa cold" -> "docqa")."""
     for part, word in (("docqa", "docqa"), ("trace", "trace"), ("lookup", "lookup"),
-                       ("step", "step time")):  # fmt: skip
+                       ("diskload", "disk load"), ("step", "step time")):  # fmt: skip
         if word in phase_name:
             return part
     return "other"
@@ -124,11 +124,33 @@ def run(
                 results["docqa"]["store"]["restarted"] = restarted(
                     settings, model, workdir, store, docs, phase, failed
                 )
+    if "diskload" in parts:
+        disk_load(root, results, failed)
     if "step" in parts:
         step_time_side_by_side(settings, model, workdir, store, results, phase, failed)
     stop_store(store)
     shutil.rmtree(root / "disk", ignore_errors=True)
     return results, failed
+
+
+def disk_load(root: Path, results: dict[str, Any], failed: list[str]) -> None:
+    """The readahead's A/B against a store process of its own (no engine)."""
+    name = "store disk load with and without readahead"
+    print(f"== {name}", flush=True)
+    load, start_s = os.getloadavg()[0], time.monotonic()
+    try:
+        value = micro.disk_load_readahead(root / "diskload")
+    except Exception as e:
+        traceback.print_exc()
+        value = {"error": f"{e!r}"[:500]}
+    if "error" in value:
+        failed.append(name)
+    results["micro"]["disk_load"] = value
+    seconds, loads = round(time.monotonic() - start_s, 1), [load, os.getloadavg()[0]]
+    results["phases"].append(
+        {"phase": name, "seconds": seconds, "loadavg_1m": loads, "part": "diskload"}
+    )
+    print(f"   {_shown(value)}", flush=True)
 
 
 def step_time_side_by_side(
