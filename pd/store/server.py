@@ -267,7 +267,11 @@ class _Server:
                 if job is None:
                     break
                 if isinstance(job.request, _Readahead):
-                    self.store.readahead(job.request.keys)
+                    try:
+                        self.store.readahead(job.request.keys)
+                    except Exception as e:  # a hint: never the worker's end
+                        with self._lock:
+                            self._warnings.warn("readahead", f"readahead failed: {e!r}")
                     continue
                 reply = self._handle(job)
                 if not self.stop.is_set():
