@@ -143,7 +143,7 @@ class _Server:
         self._last_request = time.monotonic()
         self._clients: set[int] = {owner_pid} if owner_pid else set()
         self._warnings = WarningLimiter(logger, {})
-        self._jobs: queue.Queue[_Job | None] = queue.Queue(_MAX_QUEUED)
+        self._jobs: queue.Queue[_Job | _Readahead | None] = queue.Queue(_MAX_QUEUED)
         self._context = zmq.Context()
         self._frontend = self._context.socket(zmq.ROUTER)
         self._frontend.setsockopt(zmq.LINGER, 0)
@@ -236,7 +236,10 @@ class _Server:
         except Exception as e:  # a bad request must not take the store down
             return self._error(job, f"{type(e).__name__}: {e}"), []
         body = protocol.LookupReply(hit.host_blocks, hit.disk_blocks)
-        reply = [job.identity, protocol.encode_reply(job.request_id, body)]
+        reply: list[bytes | memoryview] = [
+            job.identity,
+            protocol.encode_reply(job.request_id, body),
+        ]
         return reply, keys[: hit.num_blocks] if hit.disk_blocks else []
 
     def _queue_readahead(self, keys: list[BlockKey]) -> None:
@@ -245,7 +248,7 @@ class _Server:
         if self._jobs.qsize() >= _MAX_QUEUED // 2:
             return  # never take the room of gets and puts
         with contextlib.suppress(queue.Full):
-            self._jobs.put_nowait(_Job(b"", 0, _Readahead(keys), ()))
+            self._jobs.put_nowait(_Readahead(keys))
 
     def _idle(self) -> bool:
         with self._lock:
@@ -266,9 +269,9 @@ class _Server:
                     continue
                 if job is None:
                     break
-                if isinstance(job.request, _Readahead):
+                if isinstance(job, _Readahead):
                     try:
-                        self.store.readahead(job.request.keys)
+                        self.store.readahead(job.keys)
                     except Exception as e:  # a hint: never the worker's end
                         with self._lock:
                             self._warnings.warn("readahead", f"readahead failed: {e!r}")
@@ -346,7 +349,8 @@ class _Server:
 
 @dataclass(frozen=True)
 class _Readahead:
-    """The server's own job, no reply: hint a lookup's hit into the page cache."""
+    """The server's own job for a worker, no reply: hint a lookup's hit into the page
+    cache."""
 
     keys: list[BlockKey]
 
@@ -355,8 +359,7 @@ class _Readahead:
 class _Job:
     identity: bytes
     request_id: int
-    # _Readahead: the server's own; an exception: the decoding error of a bad request
-    request: protocol.Request | _Readahead | Exception
+    request: protocol.Request | Exception  # the decoding error of a bad request
     payloads: Sequence[zmq.Frame]
 
 
