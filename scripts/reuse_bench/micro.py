@@ -39,6 +39,7 @@ from pd.vllm_server import VllmServer
 from . import scrape
 from .docqa import percentile
 from .settings import BLOCK_SIZE, Settings
+from .systems import drop_page_cache, stop_store
 
 # Shaped like the small model's (never the instance's own: these lookups must miss).
 PROBE_NAMESPACE = StoreNamespace(
@@ -84,8 +85,6 @@ ENGINE_STEP_S = 0.015  # between the scheduler's lookup and the worker's get: a 
 
 
 def disk_load_readahead(root: Path) -> dict[str, Any]:
-    from .systems import drop_page_cache, stop_store
-
     store = {"host_gib": 0, "disk_path": str(root / "disk"), "disk_gib": 1,
              "socket_dir": str(root / "sock"), "timeout_ms": 3000}  # fmt: skip
     client = StoreClient(StoreConfig.from_dict(store))

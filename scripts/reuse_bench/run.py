@@ -81,12 +81,19 @@ def run(
     failed: list[str] = []
     print(f"logs in {workdir}", flush=True)
 
-    def phase(name: str, server: VllmServer, system: str, body: Callable[[], Any]) -> Any:
-        """Run one measurement; its counters, load and time go with it; a failure is
-        recorded and the run goes on."""
+    def phase(name: str, server: VllmServer | None, system: str, body: Callable[[], Any]) -> Any:
+        """Run one measurement; its counters (none without ``server``: a measurement
+        of its own), load and time go with it; a failure is recorded and the run goes
+        on."""
         print(f"== {name}", flush=True)
         load = os.getloadavg()[0]
-        before = {**scrape.instance_counters(server), **_store(system, store)}
+
+        def counters() -> dict[str, float]:
+            if server is None:
+                return {}
+            return {**scrape.instance_counters(server), **_store(system, store)}
+
+        before = counters()
         start_s = time.monotonic()
         try:
             value = body()
@@ -97,11 +104,11 @@ def run(
         else:
             if isinstance(value, dict) and "error" in value:  # e.g. the trace overloaded
                 failed.append(name)
-        after = {**scrape.instance_counters(server), **_store(system, store)}
+        after = counters()
         results["phases"].append({"phase": name, "seconds": round(time.monotonic() - start_s, 1),
                                   "loadavg_1m": [load, os.getloadavg()[0]],
                                   "part": part_of(name)})  # fmt: skip
-        if isinstance(value, dict):
+        if isinstance(value, dict) and server is not None:
             value["counters"] = scrape.delta(before, after)
         print(f"   {_shown(value)}", flush=True)
         return value
@@ -124,33 +131,16 @@ def run(
                 results["docqa"]["store"]["restarted"] = restarted(
                     settings, model, workdir, store, docs, phase, failed
                 )
-    if "diskload" in parts:
-        disk_load(root, results, failed)
+    if "diskload" in parts:  # against a store process of its own, no engine
+        results["micro"]["disk_load"] = phase(
+            "store disk load with and without readahead", None, "store",
+            lambda: micro.disk_load_readahead(root / "diskload"),
+        )  # fmt: skip
     if "step" in parts:
         step_time_side_by_side(settings, model, workdir, store, results, phase, failed)
     stop_store(store)
     shutil.rmtree(root / "disk", ignore_errors=True)
     return results, failed
-
-
-def disk_load(root: Path, results: dict[str, Any], failed: list[str]) -> None:
-    """The readahead's A/B against a store process of its own (no engine)."""
-    name = "store disk load with and without readahead"
-    print(f"== {name}", flush=True)
-    load, start_s = os.getloadavg()[0], time.monotonic()
-    try:
-        value = micro.disk_load_readahead(root / "diskload")
-    except Exception as e:
-        traceback.print_exc()
-        value = {"error": f"{e!r}"[:500]}
-    if "error" in value:
-        failed.append(name)
-    results["micro"]["disk_load"] = value
-    seconds, loads = round(time.monotonic() - start_s, 1), [load, os.getloadavg()[0]]
-    results["phases"].append(
-        {"phase": name, "seconds": seconds, "loadavg_1m": loads, "part": "diskload"}
-    )
-    print(f"   {_shown(value)}", flush=True)
 
 
 def step_time_side_by_side(
