@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import Any
 
 import pytest
@@ -162,6 +163,63 @@ def test_model_tokenizer_tokenizes_prompts_and_chats(tiny_tokenizer):
     rendered = reference.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert chat == reference.encode(rendered, add_special_tokens=False)
     assert chat is not None and len(chat) > len("Hi there")  # the template's tokens too
+
+
+def test_short_prompts_tokenize_on_the_event_loop_long_ones_on_a_thread(tiny_tokenizer):
+    from pd.proxy.tokenizer import INLINE_MAX_CHARS
+
+    tokenizer, reference = tiny_tokenizer
+    asyncio.run(tokenizer.load())
+    loop_thread: list[int] = []
+    threads: list[bool] = []  # per call: did it run on the event loop's thread?
+    original = tokenizer._tokenize
+
+    def recording(prompt: str | None, body: dict[str, Any]) -> list[int] | None:
+        threads.append(threading.get_ident() in loop_thread)
+        return original(prompt, body)
+
+    long_text = "x" * (INLINE_MAX_CHARS + 1)
+    asks = [
+        ("completions", {"prompt": "short"}),
+        ("completions", {"prompt": long_text}),
+        ("chat/completions", {"messages": [{"role": "user", "content": "short"}]}),
+        ("chat/completions", {"messages": [{"role": "user", "content": long_text}]}),
+        # its tools render into the template: its length does not tell the cost
+        ("chat/completions", {"messages": [{"role": "user", "content": "short"}],
+                              "tools": [{"type": "function", "function": {"name": "f"}}]}),
+        # content parts: the template's cost is not told by a length either
+        ("chat/completions", {"messages": [{"role": "user",
+                                            "content": [{"type": "text", "text": "hi"}]}]}),
+    ]  # fmt: skip
+
+    async def ask_all() -> list[list[int] | None]:
+        loop_thread.append(threading.get_ident())
+        return [await tokenizer.token_ids(endpoint, body) for endpoint, body in asks]
+
+    tokenizer._tokenize = recording  # type: ignore[method-assign]
+    try:
+        ids = asyncio.run(ask_all())
+    finally:
+        del tokenizer._tokenize
+    assert threads == [True, False, True, False, False, False]
+    assert ids[0] == reference.encode("short") and ids[1] == reference.encode(long_text)
+
+
+def test_before_it_has_loaded_every_prompt_tokenizes_on_a_thread(tmp_path):
+    tokenizer = ModelTokenizer(str(tmp_path / "not-loaded-yet"))
+    ran_on: list[int] = []
+
+    def recording(prompt: str | None, body: dict[str, Any]) -> list[int] | None:
+        ran_on.append(threading.get_ident())
+        return None
+
+    tokenizer._tokenize = recording  # type: ignore[method-assign]
+
+    async def ask() -> int:
+        await tokenizer.token_ids("completions", {"prompt": "short"})
+        return threading.get_ident()
+
+    assert asyncio.run(ask()) not in ran_on  # loading holds the GIL: never on the loop
 
 
 def test_model_tokenizer_that_cannot_load_gives_no_ids(tmp_path):

@@ -185,6 +185,8 @@ def create_app(
         routing_started = time.monotonic()
         route = await policy.route(routed, pool.healthy("prefill"), decodes)
         metrics.routing.observe(time.monotonic() - routing_started)
+        if routed.tokenize_s is not None:
+            metrics.routing_tokenize.observe(routed.tokenize_s)
         metrics.routing_decisions.labels(route.kind).inc()
 
         leg = Leg(

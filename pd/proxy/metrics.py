@@ -86,6 +86,10 @@ class ProxyMetrics:
             "pd_routing_seconds", "The routing policy's own time per request (tokenizing "
             "and hashing the prompt included)", buckets=OWN_TIME_BUCKETS_S, registry=r,
         )  # fmt: skip
+        self.routing_tokenize = Histogram(
+            "pd_routing_tokenize_seconds", "Of pd_routing_seconds, tokenizing the prompt "
+            "(policies that route by token ids)", buckets=OWN_TIME_BUCKETS_S, registry=r,
+        )  # fmt: skip
         self.kv_index_blocks = Gauge(
             "pd_kv_index_blocks", "Block hashes the proxy's KV index holds per instance "
             "(routing: kv_aware)", ["instance", "role"], registry=r,

@@ -14,6 +14,7 @@ names are registered in ``pd.registry``. Each route names its decision (counted 
 from __future__ import annotations
 
 import itertools
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
@@ -37,6 +38,8 @@ class RoutingRequest:
     tokenizer: Tokenizer | None = None
     _token_ids: list[int] | None = field(default=None, init=False, repr=False)
     _tokenized: bool = field(default=False, init=False, repr=False)
+    # How long tokenizing took (pd_routing_tokenize_seconds); None: it did not run
+    tokenize_s: float | None = field(default=None, init=False, repr=False)
 
     async def token_ids(self) -> list[int] | None:
         """The prompt's token ids (chat: its rendered template), tokenized on the first
@@ -44,7 +47,9 @@ class RoutingRequest:
         tokenizer, or the tokenizer failed: a policy then routes by load."""
         if not self._tokenized:
             if self.tokenizer is not None:
+                started = time.monotonic()
                 self._token_ids = await self.tokenizer.token_ids(self.endpoint, self.body)
+                self.tokenize_s = time.monotonic() - started
             self._tokenized = True
         return self._token_ids
 

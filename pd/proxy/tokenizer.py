@@ -1,7 +1,8 @@
 """The model's tokenizer in the proxy: token ids for routing policies that ask for them,
 and an answer's text for the streams the proxy writes itself (the first-token flow).
 
-Loaded when the proxy starts (``load``) and run off the event loop. It tokenizes as
+Loaded when the proxy starts (``load``), off the event loop. Short prompts are then
+tokenized on the event loop and long ones on a thread (``INLINE_MAX_CHARS``). It tokenizes as
 vLLM's OpenAI server does: a completion prompt with the tokenizer's special tokens, a
 chat through the model's chat template. It detokenizes as vLLM's detokenizer does: a
 ``tokenizers`` DecodeStream primed with the prompt. A tokenizer that cannot be loaded
@@ -14,13 +15,38 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # tokenizers' DecodeStream raises this when a tokenizer's output is not monotonic;
 # vLLM's detokenizer then starts a new stream, and so does TextStream.
 _INVALID_PREFIX = "Invalid prefix encountered"
+
+# Prompts up to this many characters are tokenized on the event loop (about 1 ms at
+# most here), longer ones on a thread. Handing a short prompt to a thread and back costs
+# two thread wake-ups and a GIL hand-off: on busy cores that took milliseconds, more
+# than the tokenizing, and the request waited for it. Longer prompts would stall every
+# request in flight for as long as they take.
+INLINE_MAX_CHARS = 4096
+# A stream's DecodeStream only keeps its prompt's ids: cheap to make on the loop.
+INLINE_MAX_STREAM_PROMPT_IDS = 32768
+
+
+def _chat_chars(body: dict[str, Any]) -> int | None:
+    """The characters a chat's messages hold; None for content that is not text (parts,
+    images): how long its template takes is not told by its length."""
+    total = 0
+    for message in body.get("messages") or []:
+        content = message.get("content") if isinstance(message, dict) else None
+        if content is None:
+            continue
+        if not isinstance(content, str):
+            return None
+        total += len(content)
+    return None if body.get("tools") else total
 
 
 class TextStream:
@@ -79,15 +105,25 @@ class ModelTokenizer:
                 return prompt
             if not isinstance(prompt, str):
                 return None  # several prompts: no single prompt to route by
-            return await asyncio.to_thread(self._tokenize, prompt, body)
-        return await asyncio.to_thread(self._tokenize, None, body)
+            return await self._run(len(prompt) <= INLINE_MAX_CHARS, self._tokenize, prompt, body)
+        chars = _chat_chars(body)
+        inline = chars is not None and chars <= INLINE_MAX_CHARS
+        return await self._run(inline, self._tokenize, None, body)
 
     async def text_stream(
         self, prompt_ids: list[int], skip_special_tokens: bool
     ) -> TextStream | None:
         """A TextStream for an answer to ``prompt_ids``; None without a fast tokenizer
         (vLLM detokenizes a slow one differently)."""
-        return await asyncio.to_thread(self._text_stream, prompt_ids, skip_special_tokens)
+        inline = len(prompt_ids) <= INLINE_MAX_STREAM_PROMPT_IDS
+        return await self._run(inline, self._text_stream, prompt_ids, skip_special_tokens)
+
+    async def _run(self, inline: bool, work: Callable[..., T], *args: Any) -> T:
+        """``work`` on the event loop when ``inline`` and the tokenizer is loaded (loading
+        holds the GIL for seconds), else on a thread."""
+        if inline and (self._tokenizer is not None or self._failed):
+            return work(*args)
+        return await asyncio.to_thread(work, *args)
 
     def _text_stream(self, prompt_ids: list[int], skip_special_tokens: bool) -> TextStream | None:
         backend = getattr(self._load(), "_tokenizer", None)  # transformers' fast tokenizers

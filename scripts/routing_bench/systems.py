@@ -51,7 +51,7 @@ def config(system: str, served_name: str, engine_blocks: int | None) -> dict[str
 
 def counters(serve: PdServeProcess) -> dict[str, Any]:
     """Every instance's INSTANCE_COUNTERS, the proxy's routing decisions and its
-    routing time (sum and count of ``pd_routing_seconds``)."""
+    routing time (sum and count of ``pd_routing_seconds`` and of its tokenizing part)."""
     instances = {}
     for name, instance in sorted(serve.instances().items()):
         samples = _samples(instance.url)
@@ -67,6 +67,9 @@ def counters(serve: PdServeProcess) -> dict[str, Any]:
         },
         "routing_s_sum": proxy.get("pd_routing_seconds_sum", 0.0),
         "routing_count": proxy.get("pd_routing_seconds_count", 0.0),
+        # Of the routing time, tokenizing (kv_aware only; the other policies never ask)
+        "tokenize_s_sum": proxy.get("pd_routing_tokenize_seconds_sum", 0.0),
+        "tokenize_count": proxy.get("pd_routing_tokenize_seconds_count", 0.0),
         # The proxy's prefill legs and routing calls by duration (cumulative counts per
         # bucket bound, seconds): where slow TTFTs are, what makes the routing mean.
         "prefill_leg_s": _buckets(proxy, "pd_prefill_seconds"),
@@ -90,8 +93,10 @@ def delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
             for name, row in after["instances"].items()
         },
         "decisions": {d: v - before["decisions"][d] for d, v in after["decisions"].items()},
-        "routing_s_sum": after["routing_s_sum"] - before["routing_s_sum"],
-        "routing_count": after["routing_count"] - before["routing_count"],
+        **{
+            key: after[key] - before[key]
+            for key in ("routing_s_sum", "routing_count", "tokenize_s_sum", "tokenize_count")
+        },
         **{
             key: {le: n - before[key].get(le, 0.0) for le, n in after[key].items()}
             for key in ("prefill_leg_s", "routing_s")
