@@ -10,6 +10,7 @@ metrics around each run. Dynamo's KV router is a row from ../shared/DYNAMO_ON_CP
 parts are in scripts/routing_bench/.
 
     .venv/bin/python scripts/bench_routing.py [--systems ...] [--workloads ...] [--merge]
+        [--repeat N]   # N interleaved runs per row, pooled (scripts/routing_bench/pool.py)
     .venv/bin/python scripts/bench_routing.py --replot   # routing.png and .md from routing.json
     .venv/bin/python scripts/bench_routing.py --smoke    # one system, a few requests, a temp dir
 """
@@ -40,11 +41,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", type=Path, help=f"default {RESULTS} (smoke: a temp dir)")
     parser.add_argument("--merge", action="store_true", help="keep the rows of the "
                         "routing.json in --out-dir that this run does not redo")  # fmt: skip
+    parser.add_argument("--repeat", type=int, default=1, help="runs per system and "
+                        "workload, interleaved, pooled into one row (default 1)")  # fmt: skip
     parser.add_argument("--replot", action="store_true",
                         help=f"only redraw {CHART} and routing.md from routing.json")  # fmt: skip
     parser.add_argument("--smoke", action="store_true",
                         help="kv_aware on a few shared-prefix requests; a temp dir")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
     if args.replot:
         out_dir = args.out_dir or RESULTS
         if not (out_dir / "routing.json").exists():
@@ -68,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         workloads = args.workloads or list(WORKLOADS)
     command = " ".join([".venv/bin/python scripts/bench_routing.py", *sys.argv[1:]])
     _, failed = run(SMOKE if args.smoke else FULL, systems, workloads, out_dir, command,
-                    merge=args.merge)  # fmt: skip
+                    merge=args.merge, repeat=args.repeat)  # fmt: skip
     print(f"wrote {out_dir / 'routing.md'}")
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)

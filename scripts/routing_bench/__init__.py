@@ -6,4 +6,5 @@
 - replay: ``vllm bench serve --dataset-name timed_trace`` against a system
 - report, chart: routing.md and routing.png, both from routing.json alone
 - run: each system and workload in turn, started, measured and torn down
+- pool: repeated runs of a system on a workload as one row
 """

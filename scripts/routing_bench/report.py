@@ -124,7 +124,8 @@ def table(results: dict[str, Any], workload: str) -> list[str]:
         lines.append(
             f"| {system} | {100 * hit['share']:.1f}% | {hit['share'] / ideal:.2f}x "
             f"| {100 * hit['prefill_hits_over_queries']:.1f}% "
-            f"| {row['p50_ttft_ms']:.0f} / {row['p90_ttft_ms']:.0f} / {row['p99_ttft_ms']:.0f} "
+            f"| {row['p50_ttft_ms']:.0f} / {row['p90_ttft_ms']:.0f} / {row['p99_ttft_ms']:.0f}"
+            f"{_spread(row)} "
             f"| {row['request_throughput']:.2f} | {row['output_throughput']:.0f} "
             f"| {' / '.join(f'{d.get(k, 0):.0f}' for k in DECISIONS)} "
             f"| {routing_ms(row):.3f}{_part(tokenize_ms(row))} "
@@ -144,6 +145,15 @@ def table(results: dict[str, Any], workload: str) -> list[str]:
                 f"| {routing} | 342/342 |"
             )
     return lines
+
+
+def _spread(row: dict[str, Any]) -> str:
+    """A pooled row's runs: how many, and the range of their own p90s."""
+    runs = row.get("runs")
+    if not runs:
+        return ""
+    p90s = [r["p90_ttft_ms"] for r in runs]
+    return f" ({len(runs)} runs; their p90 {min(p90s):.0f}-{max(p90s):.0f})"
 
 
 def _part(ms: float) -> str:

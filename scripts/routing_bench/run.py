@@ -16,6 +16,7 @@ from pd.models import make_model
 from pd.serve_process import PdServeProcess
 
 from . import systems, workloads
+from .pool import pooled
 from .replay import replay
 from .report import REQUESTS, write_report
 from .settings import BLOCK_SIZE, Settings
@@ -77,7 +78,7 @@ def routes(log: Path) -> list[dict[str, Any]]:
 
 def run(
     settings: Settings, system_names: list[str], workload_names: list[str], out_dir: Path,
-    command: str, merge: bool = False,
+    command: str, merge: bool = False, repeat: int = 1,
 ) -> tuple[dict[str, Any], list[str]]:  # fmt: skip
     make_model("tiny")
     results: dict[str, Any] = {"commands": [], "rows": {}}
@@ -97,24 +98,47 @@ def run(
     workdir = Path(tempfile.mkdtemp(prefix="bench-routing-"))
     print(f"logs in {workdir}", flush=True)
     for workload in workload_names:
-        for system in system_names:
-            print(f"== {system} on {workload}", flush=True)
-            try:
-                row = measure(system, workload, settings, workdir)
-            except Exception as e:
-                traceback.print_exc()
-                row = {"error": repr(e)[:500]}
-            if "error" in row:
-                failed.append(f"{system} on {workload}")
-                print(f"   failed: {row['error'][:300]}", flush=True)
-            else:
+        # Interleaved (every system once, then again): each sees the machine's drift.
+        # Per system: each run's row and its per-request results, kept apart.
+        runs: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = {
+            system: [] for system in system_names
+        }
+        for attempt in range(repeat):
+            for system in system_names:
+                print(f"== {system} on {workload} ({attempt + 1}/{repeat})", flush=True)
+                row = _measured(system, workload, settings, workdir / f"run{attempt}")
+                if "error" in row:
+                    failed.append(f"{system} on {workload} (run {attempt + 1})")
+                    print(f"   failed: {row['error'][:300]}", flush=True)
+                    if not runs[system]:
+                        results["rows"].setdefault(workload, {})[system] = row
+                        write_report(results, out_dir)
+                    continue
                 print(f"   TTFT p50 {row['p50_ttft_ms']:.0f} ms, p90 {row['p90_ttft_ms']:.0f} "
                       f"ms, {row['completed']}/{row['num_prompts']} done", flush=True)  # fmt: skip
-            per_request = row.pop("per_request", None)
-            results["rows"].setdefault(workload, {})[system] = row
-            if per_request is not None:  # beside routing.json: each request of the row
-                requests.setdefault(workload, {})[system] = per_request
+                runs[system].append((row, row.pop("per_request", {})))
+                done = runs[system]
+                results["rows"].setdefault(workload, {})[system] = pooled(
+                    [r for r, _ in done], [pr for _, pr in done]
+                )
+                # beside routing.json: each request of the run with the median p90
+                requests.setdefault(workload, {})[system] = _median_run(done)
                 out_dir.mkdir(parents=True, exist_ok=True)
                 (out_dir / REQUESTS).write_text(json.dumps(requests) + "\n")
-            write_report(results, out_dir)  # after every row: a cut run keeps what it has
+                write_report(results, out_dir)  # after every run: a cut run keeps what it has
     return results, failed
+
+
+def _measured(system: str, workload: str, settings: Settings, workdir: Path) -> dict[str, Any]:
+    workdir.mkdir(exist_ok=True)
+    try:
+        return measure(system, workload, settings, workdir)
+    except Exception as e:
+        traceback.print_exc()
+        return {"error": repr(e)[:500]}
+
+
+def _median_run(runs: list[tuple[dict[str, Any], dict[str, Any]]]) -> dict[str, Any]:
+    """The per-request results of the run whose TTFT p90 is the median of the runs'."""
+    ordered = sorted(runs, key=lambda run: run[0]["p90_ttft_ms"])
+    return ordered[(len(ordered) - 1) // 2][1]
