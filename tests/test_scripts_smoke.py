@@ -136,6 +136,9 @@ def check_bench_routing(run: subprocess.CompletedProcess[str], out: Path) -> Non
     # Every request was routed by kv_aware and counted; its tenants' contexts repeat, so
     # the prefill instances' own prefix caches served some of the prompts.
     assert sum(counters["decisions"].values()) == counters["routing_count"] == row["completed"]
+    # kv_aware asked every prompt's token ids: each counted in its tokenizing part
+    assert counters["tokenize_count"] == counters["routing_count"], counters
+    assert 0 <= counters["tokenize_s_sum"] <= counters["routing_s_sum"], counters
     assert sum(c["hits"] for n, c in counters["instances"].items() if "prefill" in n) > 0
     assert 0 < data["ideal"]["shared-prefix"]["share"] < 1, data["ideal"]
     # Each request's TTFT, and the route kv_aware logged for it (its debug line).
