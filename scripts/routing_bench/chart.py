@@ -9,8 +9,8 @@ from typing import Any
 from .report import hit_rate
 from .systems import SYSTEMS
 
-COLORS = {"kv_aware": "#55a868", "kv_aware_by_cost": "#2f7d4a", "least_loaded": "#4c72b0",
-          "round_robin": "#dd8452", "one_prefill": "#8172b2"}  # fmt: skip
+COLORS = {"kv_aware": "#55a868", "least_loaded": "#4c72b0", "round_robin": "#dd8452",
+          "one_prefill": "#8172b2"}  # fmt: skip
 
 
 def chart(results: dict[str, Any], path: Path) -> None:

@@ -2,8 +2,6 @@
 BLOCK_SIZE-token blocks, on the machine's cores, and the counters read around a run.
 
 kv_aware      2 prefill + 1 decode, ``routing: kv_aware`` (its defaults)
-kv_aware_by_cost  the same, leaving prefill out only when decode's cost is lower
-              (``decode_only_cached_fraction: null``, ``decode_only_max_uncached_tokens: 0``)
 least_loaded  2 prefill + 1 decode, ``routing: least_loaded``
 round_robin   2 prefill + 1 decode, ``routing: round_robin``
 one_prefill   1 prefill + 1 decode (the reference: one prefill cache sees every prompt)
@@ -20,11 +18,7 @@ from pd.vllm_server import parse_prometheus
 
 from .settings import BLOCK_SIZE
 
-SYSTEMS = ("kv_aware", "kv_aware_by_cost", "least_loaded", "round_robin", "one_prefill")
-# Settings of proxy.kv_aware per system (the others: its defaults)
-KV_AWARE_SETTINGS: dict[str, dict[str, Any]] = {
-    "kv_aware_by_cost": {"decode_only_cached_fraction": None, "decode_only_max_uncached_tokens": 0},
-}
+SYSTEMS = ("kv_aware", "least_loaded", "round_robin", "one_prefill")
 # Each instance's counters kept per run (vLLM's own), tokens unless named otherwise.
 INSTANCE_COUNTERS = {
     "queries": "vllm:prefix_cache_queries_total",
@@ -51,16 +45,8 @@ def config(system: str, served_name: str, engine_blocks: int | None) -> dict[str
         "engine_args": engine_args,
         "prefill": {"instances": 1 if system == "one_prefill" else 2, "env": env},
         "decode": {"env": env},
-        "proxy": _proxy(system),
+        "proxy": {"routing": "least_loaded" if system == "one_prefill" else system},
     })  # fmt: skip
-
-
-def _proxy(system: str) -> dict[str, Any]:
-    if system == "one_prefill":
-        return {"routing": "least_loaded"}
-    if system.startswith("kv_aware"):
-        return {"routing": "kv_aware", "kv_aware": KV_AWARE_SETTINGS.get(system, {})}
-    return {"routing": system}
 
 
 def counters(serve: PdServeProcess) -> dict[str, Any]:
