@@ -246,6 +246,13 @@ def test_a_decode_only_route_goes_to_decode_alone_and_is_counted_as_a_decision()
                 assert len(cluster["pd-prefill-0"].calls) == 1
                 decisions = {"decision": "prefill"}
                 assert metrics.get_sample_value("pd_routing_decisions_total", decisions) == 1
+                # Both routes timed, with their tokenizing and the proxy thread's CPU time
+                for histogram in ("routing", "routing_tokenize", "routing_cpu"):
+                    count = metrics.get_sample_value(f"pd_{histogram}_seconds_count")
+                    assert count == 2, histogram
+                wall = metrics.get_sample_value("pd_routing_seconds_sum")
+                assert 0 < metrics.get_sample_value("pd_routing_tokenize_seconds_sum") <= wall
+                assert 0 < metrics.get_sample_value("pd_routing_cpu_seconds_sum")
 
     asyncio.run(asyncio.wait_for(test(), 60))
 

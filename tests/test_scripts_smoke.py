@@ -139,6 +139,7 @@ def check_bench_routing(run: subprocess.CompletedProcess[str], out: Path) -> Non
     # kv_aware asked every prompt's token ids: each counted in its tokenizing part
     assert counters["tokenize_count"] == counters["routing_count"], counters
     assert 0 <= counters["tokenize_s_sum"] <= counters["routing_s_sum"], counters
+    assert counters["routing_cpu_s_sum"] > 0, counters  # the proxy thread's own time
     assert sum(c["hits"] for n, c in counters["instances"].items() if "prefill" in n) > 0
     assert 0 < data["ideal"]["shared-prefix"]["share"] < 1, data["ideal"]
     # Each request's TTFT, and the route kv_aware logged for it (its debug line).

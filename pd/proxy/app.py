@@ -182,9 +182,13 @@ def create_app(
             raise ProxyError(503, "no decode instance is available; retry later")
         routed = RoutingRequest(endpoint, body, tokenizer)
         # No prefill in rotation: decode serves alone (Flow.serve_alone).
-        routing_started = time.monotonic()
+        routing_started, routing_cpu_started = time.monotonic(), time.thread_time()
         route = await policy.route(routed, pool.healthy("prefill"), decodes)
         metrics.routing.observe(time.monotonic() - routing_started)
+        # Other requests' callbacks would count too if the route waited on a thread;
+        # a policy that routes without awaiting anything (every prompt short enough to
+        # tokenize on the loop) gets exactly its own CPU time.
+        metrics.routing_cpu.observe(time.thread_time() - routing_cpu_started)
         if routed.tokenize_s is not None:
             metrics.routing_tokenize.observe(routed.tokenize_s)
         metrics.routing_decisions.labels(route.kind).inc()

@@ -86,6 +86,11 @@ class ProxyMetrics:
             "pd_routing_seconds", "The routing policy's own time per request (tokenizing "
             "and hashing the prompt included)", buckets=OWN_TIME_BUCKETS_S, registry=r,
         )  # fmt: skip
+        self.routing_cpu = Histogram(
+            "pd_routing_cpu_seconds", "The CPU time of pd_routing_seconds on the proxy's "
+            "event loop thread (the rest of its wall time: waiting for a core, or for a "
+            "tokenizing thread)", buckets=OWN_TIME_BUCKETS_S, registry=r,
+        )  # fmt: skip
         self.routing_tokenize = Histogram(
             "pd_routing_tokenize_seconds", "Of pd_routing_seconds, tokenizing the prompt "
             "(policies that route by token ids)", buckets=OWN_TIME_BUCKETS_S, registry=r,

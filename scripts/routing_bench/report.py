@@ -67,10 +67,19 @@ def routing_ms(row: dict[str, Any]) -> float:
 def tokenize_ms(row: dict[str, Any]) -> float:
     """Of ``routing_ms``, tokenizing, per routed request (rows from before it was
     measured: nan)."""
+    return _per_routed_ms(row, "tokenize_s_sum")
+
+
+def routing_cpu_ms(row: dict[str, Any]) -> float:
+    """Of ``routing_ms``, the proxy thread's CPU time, per routed request."""
+    return _per_routed_ms(row, "routing_cpu_s_sum")
+
+
+def _per_routed_ms(row: dict[str, Any], key: str) -> float:
     c = row["counters"]
-    if "tokenize_s_sum" not in c or not c["routing_count"]:
+    if key not in c or not c["routing_count"]:
         return NAN
-    return 1000 * c["tokenize_s_sum"] / c["routing_count"]
+    return 1000 * c[key] / c["routing_count"]
 
 
 def _get(data: Any, *path: str) -> float:
@@ -110,7 +119,7 @@ def table(results: dict[str, Any], workload: str) -> list[str]:
     lines = [
         "| system | hit rate | / ideal | vLLM hits/queries on prefill | TTFT p50 / p90 / p99 ms "
         "| req/s | output tok/s | decisions prefill / decode_only / no_prefill "
-        "| routing ms/request (of it tokenizing) | done |",
+        "| routing ms/request (of it tokenizing; CPU) | done |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     rows = results.get("rows", {}).get(workload, {})
@@ -128,7 +137,7 @@ def table(results: dict[str, Any], workload: str) -> list[str]:
             f"{_spread(row)} "
             f"| {row['request_throughput']:.2f} | {row['output_throughput']:.0f} "
             f"| {' / '.join(f'{d.get(k, 0):.0f}' for k in DECISIONS)} "
-            f"| {routing_ms(row):.3f}{_part(tokenize_ms(row))} "
+            f"| {routing_ms(row):.3f}{_parts(tokenize_ms(row), routing_cpu_ms(row))} "
             f"| {row['completed']}/{row['num_prompts']} |"
         )
     if workload == "conversation":
@@ -156,8 +165,9 @@ def _spread(row: dict[str, Any]) -> str:
     return f" ({len(runs)} runs; their p90 {min(p90s):.0f}-{max(p90s):.0f})"
 
 
-def _part(ms: float) -> str:
-    return "" if math.isnan(ms) else f" ({ms:.3f})"
+def _parts(*ms: float) -> str:
+    known = [f"{v:.3f}" for v in ms if not math.isnan(v)]
+    return f" ({'; '.join(known)})" if known else ""
 
 
 def joined(per_request: dict[str, Any]) -> list[dict[str, Any]]:
@@ -243,7 +253,8 @@ def markdown(
         "- **routing ms**: `pd_routing_seconds` sum / count on the proxy (tokenizing and "
         "hashing the prompt included); in brackets its tokenizing part "
         "(`pd_routing_tokenize_seconds`), which Dynamo's router time does not count (its "
-        "frontend tokenizes every request before routing).",
+        "frontend tokenizes every request before routing), and the proxy thread's CPU time "
+        "in it (`pd_routing_cpu_seconds`; the rest is waiting for a core).",
         "",
         f"## Conversation trace ({s['trace_prompts']} requests of "
         "../shared/traces/conversation-k40-b16.jsonl, arrivals over "

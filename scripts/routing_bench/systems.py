@@ -29,6 +29,8 @@ INSTANCE_COUNTERS = {
     "requests": "vllm:request_success_total",
 }
 DECISIONS = ("prefill", "decode_only", "no_prefill")
+# The proxy's routing figures, sums and counts of its histograms
+SUMMED = ("routing_s_sum", "routing_count", "tokenize_s_sum", "tokenize_count", "routing_cpu_s_sum")
 
 
 def config(system: str, served_name: str, engine_blocks: int | None) -> dict[str, Any]:
@@ -70,6 +72,8 @@ def counters(serve: PdServeProcess) -> dict[str, Any]:
         # Of the routing time, tokenizing (kv_aware only; the other policies never ask)
         "tokenize_s_sum": proxy.get("pd_routing_tokenize_seconds_sum", 0.0),
         "tokenize_count": proxy.get("pd_routing_tokenize_seconds_count", 0.0),
+        # Of the routing time, the proxy thread's CPU time (the rest: waiting for a core)
+        "routing_cpu_s_sum": proxy.get("pd_routing_cpu_seconds_sum", 0.0),
         # The proxy's prefill legs and routing calls by duration (cumulative counts per
         # bucket bound, seconds): where slow TTFTs are, what makes the routing mean.
         "prefill_leg_s": _buckets(proxy, "pd_prefill_seconds"),
@@ -93,10 +97,7 @@ def delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
             for name, row in after["instances"].items()
         },
         "decisions": {d: v - before["decisions"][d] for d, v in after["decisions"].items()},
-        **{
-            key: after[key] - before[key]
-            for key in ("routing_s_sum", "routing_count", "tokenize_s_sum", "tokenize_count")
-        },
+        **{key: after[key] - before[key] for key in SUMMED},
         **{
             key: {le: n - before[key].get(le, 0.0) for le, n in after[key].items()}
             for key in ("prefill_leg_s", "routing_s")
