@@ -252,7 +252,7 @@ def test_a_decode_only_route_goes_to_decode_alone_and_is_counted_as_a_decision()
                     assert count == 2, histogram
                 wall = metrics.get_sample_value("pd_routing_seconds_sum")
                 assert 0 < metrics.get_sample_value("pd_routing_tokenize_seconds_sum") <= wall
-                assert 0 < metrics.get_sample_value("pd_routing_cpu_seconds_sum")
+                assert metrics.get_sample_value("pd_routing_cpu_seconds_sum") > 0
 
     asyncio.run(asyncio.wait_for(test(), 60))
 

@@ -110,8 +110,10 @@ def run(
                 if "error" in row:
                     failed.append(f"{system} on {workload} (run {attempt + 1})")
                     print(f"   failed: {row['error'][:300]}", flush=True)
-                    if not runs[system]:
-                        results["rows"].setdefault(workload, {})[system] = row
+                    kept = results["rows"].setdefault(workload, {}).get(system, {})
+                    if not runs[system] and (not kept or "error" in kept):
+                        # a failed run never replaces a measured row (--merge)
+                        results["rows"][workload][system] = row
                         write_report(results, out_dir)
                     continue
                 print(f"   TTFT p50 {row['p50_ttft_ms']:.0f} ms, p90 {row['p90_ttft_ms']:.0f} "
