@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -173,6 +174,16 @@ class PdServeProcess:
             return self.log_path.read_text(errors="replace")[-chars:]
         except FileNotFoundError:
             return "(no output)"
+
+    def instance_log(self, name: str, chars: int = 6000) -> str:
+        """The tail of instance ``name``'s log (pd-serve prints the folder it is in)."""
+        found = re.search(r"\(logs in (\S+)\)", self.log(chars=10**7))
+        if found is None:
+            return "(pd-serve has not said where its logs are)"
+        try:
+            return (Path(found.group(1)) / f"{name}.log").read_text(errors="replace")[-chars:]
+        except FileNotFoundError:
+            return f"(no log of {name})"
 
     def stderr(self) -> str:
         """What pd-serve wrote to stderr (with ``split_stderr``; else it is in ``log()``)."""

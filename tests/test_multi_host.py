@@ -301,7 +301,10 @@ def test_link_cut_mid_transfer_recomputes_and_the_cluster_serves_again(multi_hos
             # KV is crossing once host B sends far more than its HTTP answers.
             assert wait_for(lambda: m.b.bridge_bytes()[0] - sent > 256 * 1024, 60, 0.02)
             m.b.set_link(False)
-            text = answer.result(timeout=bound)
+            try:
+                text = answer.result(timeout=bound)
+            except Exception as e:  # what decode did with the load says why
+                raise AssertionError(m.serve.instance_log("pd-decode-0")) from e
         elapsed = time.monotonic() - started
     finally:
         m.b.set_link(True)

@@ -13,7 +13,8 @@ Two defects of NIXL 1.5.1's Python API are avoided here:
   deadline. A read past it is not released but handed to the caller
   (``TransferInFlight``), which holds its destination blocks until it ends: UCX
   still completes it when the peer or the link comes back. pd turns on UCX's TCP
-  keepalive (``UCX_KEEPALIVE_ENV``) so a cut link ends it within seconds.
+  keepalive and user timeout (``UCX_KEEPALIVE_ENV``) so a cut link ends it within
+  seconds.
 pd never pins threads to cores.
 """
 
@@ -45,11 +46,20 @@ logger = logging.getLogger(__name__)
 # instead of 100%, for well under a millisecond of added latency per transfer.
 PROGRESS_DELAY_US = 1000
 _POLL_S = (0.0002, 0.005)  # first and largest sleep between completion checks
-# UCX over TCP notices a dead link only through TCP keepalive, off by default: a read
+# UCX over TCP notices a dead link only through the kernel, which by default waits
+# for ever on an idle socket and ~15 minutes on one with unacknowledged data: a read
 # from a peer whose link was cut then never ends, until the link returns and it lands
-# (measured between two hosts: still in flight after 30 s; with these, failed 4 s after
-# the cut). A stopped peer's kernel still answers: only its resuming or dying ends it.
-UCX_KEEPALIVE_ENV = {"UCX_TCP_KEEPIDLE": "2s", "UCX_TCP_KEEPINTVL": "1s", "UCX_TCP_KEEPCNT": "3"}
+# (measured between two hosts: still in flight after 30 s; with keepalive, failed 4 s
+# after the cut). Keepalive covers a socket with nothing unacknowledged; the user
+# timeout one cut while it had (in CI, 1 run in many: a read still in flight at the
+# request's 20 s deadline). A stopped peer's kernel still answers (ACKs, keepalive
+# probes): only its resuming or dying ends that read.
+UCX_KEEPALIVE_ENV = {
+    "UCX_TCP_KEEPIDLE": "2s",
+    "UCX_TCP_KEEPINTVL": "1s",
+    "UCX_TCP_KEEPCNT": "3",
+    "UCX_TCP_USER_TIMEOUT": "5s",
+}
 
 
 def nixl_available() -> bool:
