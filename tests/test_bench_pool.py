@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from scripts.routing_bench.pool import percentile, pooled
+from scripts.bench_stats import percentile
+from scripts.routing_bench.pool import pooled
 
 
 def run_row(p50: float, p90: float, hits: float, routing_s: float) -> dict:

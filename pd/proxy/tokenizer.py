@@ -37,7 +37,9 @@ INLINE_MAX_STREAM_PROMPT_IDS = 32768
 
 def _chat_chars(body: dict[str, Any]) -> int | None:
     """The characters a chat's messages hold; None for content that is not text (parts,
-    images): how long its template takes is not told by its length."""
+    images) or with tools: how long its template takes is not told by its length."""
+    if body.get("tools"):
+        return None
     total = 0
     for message in body.get("messages") or []:
         content = message.get("content") if isinstance(message, dict) else None
@@ -46,7 +48,7 @@ def _chat_chars(body: dict[str, Any]) -> int | None:
         if not isinstance(content, str):
             return None
         total += len(content)
-    return None if body.get("tools") else total
+    return total
 
 
 class TextStream:

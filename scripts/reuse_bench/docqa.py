@@ -13,6 +13,8 @@ from typing import Any
 
 import httpx
 
+from scripts.bench_stats import percentile
+
 from .settings import Settings
 
 
@@ -74,13 +76,3 @@ def summary(ttfts_ms: list[float]) -> dict[str, Any]:
         "mean_ms": sum(ordered) / len(ordered),
         "ttfts_ms": [round(t, 2) for t in ttfts_ms],
     }
-
-
-def percentile(ordered: list[float], q: float) -> float:
-    """Linear interpolation between closest ranks, as numpy's default."""
-    if not ordered:
-        return float("nan")
-    rank = (len(ordered) - 1) * q / 100
-    low = int(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)

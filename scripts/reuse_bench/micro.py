@@ -35,9 +35,9 @@ from pd.store.client import StoreClient
 from pd.store.config import StoreConfig
 from pd.store.keys import StoreNamespace
 from pd.vllm_server import VllmServer
+from scripts.bench_stats import percentile
 
 from . import scrape
-from .docqa import percentile
 from .settings import BLOCK_SIZE, Settings
 from .systems import drop_page_cache, stop_store
 

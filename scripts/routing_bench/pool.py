@@ -10,22 +10,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from scripts.bench_stats import percentile
+
 PERCENTILES = (50, 90, 99)
 # Throughputs and durations: their mean over the runs
 MEANS = ("request_throughput", "output_throughput", "total_token_throughput", "duration")
 SUMS = ("completed", "failed", "num_prompts", "total_input_tokens", "wall_s")
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Linear interpolation between the closest ranks, as numpy's default (and vLLM's
-    benchmark, which uses numpy) computes it."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100
-    low = math.floor(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
 def _summed(counters: list[Any]) -> Any:
