@@ -7,8 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from scripts.bench_stats import percentile
-from scripts.routing_bench.pool import pooled
+from scripts.routing_bench.pool import percentile, pooled
 
 
 def run_row(p50: float, p90: float, hits: float, routing_s: float) -> dict:

@@ -12,8 +12,7 @@ import time
 from typing import Any
 
 import httpx
-
-from scripts.bench_stats import percentile
+import numpy as np
 
 from .settings import Settings
 
@@ -71,8 +70,8 @@ def summary(ttfts_ms: list[float]) -> dict[str, Any]:
     ordered = sorted(ttfts_ms)
     return {
         "n": len(ordered),
-        "p50_ms": percentile(ordered, 50),
-        "p90_ms": percentile(ordered, 90),
+        "p50_ms": float(np.percentile(ordered, 50)),
+        "p90_ms": float(np.percentile(ordered, 90)),
         "mean_ms": sum(ordered) / len(ordered),
         "ttfts_ms": [round(t, 2) for t in ttfts_ms],
     }

@@ -30,12 +30,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 
 from pd.store.client import StoreClient
 from pd.store.config import StoreConfig
 from pd.store.keys import StoreNamespace
 from pd.vllm_server import VllmServer
-from scripts.bench_stats import percentile
 
 from . import scrape
 from .settings import BLOCK_SIZE, Settings
@@ -74,7 +74,7 @@ def lookup_on_miss(store: dict[str, Any], settings: Settings) -> dict[str, Any]:
         "failed_calls": failed,
         "store_entries": {t.tier: t.entries for t in (stats.host, stats.disk) if t}
         if stats else {},
-        **{f"p{q}_ms": percentile(ordered, q) for q in (50, 90, 99)},
+        **{f"p{q}_ms": float(np.percentile(ordered, q)) for q in (50, 90, 99)},
     }  # fmt: skip
 
 
@@ -122,7 +122,7 @@ def disk_load_readahead(root: Path) -> dict[str, Any]:
     }  # fmt: skip
     for arm, values in samples.items():
         ordered = sorted(values)
-        out[arm] = {f"p{q}_ms": percentile(ordered, q) for q in (50, 90)}
+        out[arm] = {f"p{q}_ms": float(np.percentile(ordered, q)) for q in (50, 90)}
         out[arm]["mean_ms"] = sum(values) / len(values)
     return out
 

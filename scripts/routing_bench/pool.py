@@ -10,12 +10,17 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from scripts.bench_stats import percentile
+import numpy as np
 
 PERCENTILES = (50, 90, 99)
 # Throughputs and durations: their mean over the runs
 MEANS = ("request_throughput", "output_throughput", "total_token_throughput", "duration")
 SUMS = ("completed", "failed", "num_prompts", "total_input_tokens", "wall_s")
+
+
+def percentile(values: list[float], q: float) -> float:
+    """numpy's (as vLLM's benchmark computes it); NaN for a run that measured nothing."""
+    return float(np.percentile(values, q)) if values else math.nan
 
 
 def _summed(counters: list[Any]) -> Any:
