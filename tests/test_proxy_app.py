@@ -153,3 +153,20 @@ def test_bad_body_is_400_before_routing():
     assert assert_openai_error(response, 400)["param"] == "messages"
     response = call(app, "POST", "/v1/completions", json={**BODY, "model": "gpt-9"})
     assert assert_openai_error(response, 404)["param"] == "model"
+
+
+@pytest.mark.parametrize("model", ["tiny", "missing"])
+def test_the_proxy_serves_only_once_its_tokenizer_settled(model: str, tmp_path):
+    # Loading imports transformers, seconds of CPU: never while requests run. A
+    # tokenizer that cannot load is settled too (reported; the flows do without it).
+    from pd.models import make_model
+
+    folder = str(make_model("tiny")) if model == "tiny" else str(tmp_path / "no-model")
+    app = make_app(tokenizer=folder)
+
+    async def go() -> None:
+        async with app.router.lifespan_context(app):
+            assert app.state.tokenizer.settled
+            assert (app.state.tokenizer._tokenizer is not None) == (model == "tiny")
+
+    asyncio.run(asyncio.wait_for(go(), 60))

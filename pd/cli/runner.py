@@ -20,6 +20,7 @@ from pd.proxy.app import ProxySettings, create_app
 from pd.proxy.instances import Instance, InstancePool
 from pd.proxy.kv_events import EventEndpoints
 from pd.proxy.routing import make_policy
+from pd.proxy.tokenizer import import_in_background
 
 _KEEPALIVE_EXPIRY_S = 2.0  # below vLLM's HTTP keep-alive (see _serve)
 
@@ -55,6 +56,7 @@ def run_cluster(plan: ClusterPlan) -> int:
     for warning in plan.warnings:
         print(f"pd-serve: warning: {warning}", file=sys.stderr)
     print(f"pd-serve: starting {len(plan.instances)} instances (logs in {cluster.log_dir})")
+    import_in_background()  # the proxy's tokenizer, while the instances start
     try:
         cluster.start(progress=lambda line: print(f"pd-serve: {line}", flush=True))
     except StartupError as e:

@@ -33,6 +33,10 @@ from pd.registry import FLOWS
 
 logger = logging.getLogger(__name__)
 
+# How long the proxy waits for its tokenizer before it serves (a local one takes ~50 ms
+# once transformers is imported; a hub id may still be downloading).
+TOKENIZER_WAIT_S = 30.0
+
 
 @dataclass(frozen=True)
 class ProxySettings:
@@ -79,9 +83,15 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        # In the background: the proxy answers /health meanwhile (a tokenizer that does
-        # not load is reported, and the flows and policies do without it).
+        # Loaded before serving, so its seconds of CPU never land on requests; one that
+        # takes longer loads on in the background (a tokenizer that does not load is
+        # reported, and the flows and policies do without it).
         loading = asyncio.create_task(tokenizer.load()) if tokenizer else None
+        if loading is not None:
+            done, _ = await asyncio.wait({loading}, timeout=TOKENIZER_WAIT_S)
+            if not done:
+                logger.warning("proxy: the tokenizer is still loading after %.0f s; serving "
+                               "meanwhile", TOKENIZER_WAIT_S)  # fmt: skip
         await pool.check_all()
         checker = asyncio.create_task(pool.run())
         background = asyncio.create_task(policy.run(pool))  # e.g. KV events in
@@ -97,6 +107,7 @@ def create_app(
     app = FastAPI(title="pd", lifespan=lifespan)
     app.state.pool = pool
     app.state.metrics = metrics
+    app.state.tokenizer = tokenizer
     if settings.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
 

@@ -1,7 +1,9 @@
 """The model's tokenizer in the proxy: token ids for routing policies that ask for them,
 and an answer's text for the streams the proxy writes itself (the first-token flow).
 
-Loaded when the proxy starts (``load``), off the event loop. Short prompts are then
+Loaded before the proxy serves (``load``), off the event loop; pd-serve starts the
+import of transformers (seconds of CPU: it imports torch) while its instances start
+(``import_in_background``), so that cost never lands on the first requests. Short prompts are then
 tokenized on the event loop and long ones on a thread (``INLINE_MAX_CHARS``). It tokenizes as
 vLLM's OpenAI server does: a completion prompt with the tokenizer's special tokens, a
 chat through the model's chat template. It detokenizes as vLLM's detokenizer does: a
@@ -33,6 +35,21 @@ _INVALID_PREFIX = "Invalid prefix encountered"
 INLINE_MAX_CHARS = 4096
 # A stream's DecodeStream only keeps its prompt's ids: cheap to make on the loop.
 INLINE_MAX_STREAM_PROMPT_IDS = 32768
+
+
+def import_in_background() -> threading.Thread:
+    """Import transformers' AutoTokenizer now, in a daemon thread. Importing it takes
+    3-5 s of CPU here (it imports torch); loading a tokenizer after that takes ~50 ms."""
+
+    def _import() -> None:
+        try:
+            from transformers import AutoTokenizer  # noqa: F401
+        except Exception as e:  # the load reports it (once), with the model named
+            logger.debug("proxy: importing transformers failed: %r", e)
+
+    thread = threading.Thread(target=_import, name="pd-import-transformers", daemon=True)
+    thread.start()
+    return thread
 
 
 def _chat_chars(body: dict[str, Any]) -> int | None:
@@ -89,6 +106,11 @@ class ModelTokenizer:
         self._failed = False
         self._lock = threading.Lock()
 
+    @property
+    def settled(self) -> bool:
+        """Loaded, or known not to load."""
+        return self._tokenizer is not None or self._failed
+
     async def load(self) -> None:
         """Load it now, off the event loop: importing transformers and reading the
         tokenizer holds the GIL for seconds, which the first request that needs it
@@ -123,7 +145,7 @@ class ModelTokenizer:
     async def _run(self, inline: bool, work: Callable[..., T], *args: Any) -> T:
         """``work`` on the event loop when ``inline`` and the tokenizer is loaded (loading
         holds the GIL for seconds), else on a thread."""
-        if inline and (self._tokenizer is not None or self._failed):
+        if inline and self.settled:
             return work(*args)
         return await asyncio.to_thread(work, *args)
 
