@@ -47,6 +47,9 @@ PD_DEFAULT = "pd-zmq-first-token"
 PD_PRIORITY_VARIANTS = {
     "pd-nixl-sequential-nice15": ("nixl", "sequential", (15, 15)),
     "pd-nixl-sequential-prefill-nice10": ("nixl", "sequential", (10, 0)),
+    # Prefill ahead of every unpinned process on its core (lowering niceness needs
+    # CAP_SYS_NICE): the runs where either system backlogged had a starved prefill worker.
+    "pd-zmq-first-token-prefill-nice-5": ("zmq", "first-token", (-5, 0)),
 }
 DEFAULT_SYSTEMS = ["colocated", *PD_SYSTEMS, "vllm-pd-stock", "vllm-pd-tuned"]
 ALL_SYSTEMS = [*DEFAULT_SYSTEMS, *PD_PRIORITY_VARIANTS]
