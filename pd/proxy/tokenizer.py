@@ -3,13 +3,13 @@ and an answer's text for the streams the proxy writes itself (the first-token fl
 
 Loaded before the proxy serves (``load``), off the event loop; pd-serve starts the
 import of transformers (seconds of CPU: it imports torch) while its instances start
-(``import_in_background``), so that cost never lands on the first requests. Short prompts are then
-tokenized on the event loop and long ones on a thread (``INLINE_MAX_CHARS``). It tokenizes as
-vLLM's OpenAI server does: a completion prompt with the tokenizer's special tokens, a
-chat through the model's chat template. It detokenizes as vLLM's detokenizer does: a
-``tokenizers`` DecodeStream primed with the prompt. A tokenizer that cannot be loaded
-is reported once; routing then goes by load, and the first-token flow sends the
-requests that need the proxy's text sequentially.
+(``import_in_background``), so that cost never lands on the first requests. Short
+prompts are then tokenized on the event loop and long ones on a thread
+(``INLINE_MAX_CHARS``). It tokenizes as vLLM's OpenAI server does: a completion prompt
+with the tokenizer's special tokens, a chat through the model's chat template. It
+detokenizes as vLLM's detokenizer does: a ``tokenizers`` DecodeStream primed with the
+prompt. A tokenizer that cannot be loaded is reported once; routing then goes by load,
+and the first-token flow sends the requests that need the proxy's text sequentially.
 """
 
 from __future__ import annotations
@@ -180,7 +180,7 @@ class ModelTokenizer:
 
     def _load(self) -> Any:
         with self._lock:
-            if self._tokenizer is None and not self._failed:
+            if not self.settled:
                 try:
                     from transformers import AutoTokenizer
 
