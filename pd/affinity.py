@@ -57,14 +57,6 @@ def pin_control_processes(cores: set[int]) -> None:
     os.environ[CONTROL_CORES_ENV] = format_cpu_list(cores)
 
 
-def release_control_cores() -> None:
-    """The vLLM server's launcher: run what it starts on every core of the node, not on
-    the control cores it inherited (the workers then bind their own cores)."""
-    if CONTROL_CORES_ENV in os.environ and hasattr(os, "sched_setaffinity"):
-        with contextlib.suppress(OSError):
-            os.sched_setaffinity(0, node_cpus())
-
-
 def parse_cpu_list(text: str) -> set[int]:
     """A kernel CPU list ("0-3,6") as a set; ``ValueError`` names what is malformed."""
     cpus: set[int] = set()

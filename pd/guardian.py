@@ -39,8 +39,6 @@ import sys
 import time
 from pathlib import Path
 
-from pd.affinity import release_control_cores
-
 EXIT_LOCKED = 75  # EX_TEMPFAIL: a previous incarnation still holds the lock
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
@@ -104,7 +102,6 @@ class Guardian:
                 return EXIT_LOCKED
         if self._asked_to_end():
             return 0
-        release_control_cores()
         self._child = os.posix_spawnp(
             command[0],
             command,

@@ -47,14 +47,6 @@ BAD_CONFIGS = [
         "engine_args: {tensor_parallel_size: 4}}",
         "tensor_parallel_size: 4 differs from prefill.resources.gpus: 2",
     ),
-    ("model: {preset: tiny}\ncontrol_cores: x", "control_cores: 'x' is not a core number"),
-    ("model: {preset: tiny}\ncontrol_cores: 3-1", "control_cores: '3-1' is not a range"),
-    ("model: {preset: tiny}\ncontrol_cores: ','", "control_cores: name at least one core"),
-    ("model: {preset: tiny}\ncontrol_cores: 4096", "control_cores: 4096 not among this machine"),
-    (
-        "model: {preset: tiny}\ncontrol_cores: '0'\nray: {address: 'host:6379'}",
-        "control_cores: a local cluster only",
-    ),
 ]
 
 
@@ -124,19 +116,6 @@ def test_local_plan_gives_each_instance_its_own_core(monkeypatch):
     assert not plan.warnings
     assert "kv_producer" in " ".join(by_name["pd-prefill-0"].vllm_args)
     assert "kv_consumer" in " ".join(by_name["pd-decode-0"].vllm_args)
-
-
-def test_control_cores_reach_the_plan(tmp_path):
-    path = tmp_path / "c.yaml"
-    path.write_text("model: {preset: tiny}")
-    assert make_plan(load_config(path), available_cores=[0, 1]).control_cores is None
-    path.write_text("model: {preset: tiny}\ncontrol_cores: 1")  # a YAML number is a core too
-    plan = make_plan(load_config(path), available_cores=[0, 1])
-    assert plan.control_cores == {1}
-    assert "control processes: cores 1" in plan.describe()
-    # The workers still bind their own cores.
-    envs = [i.env["VLLM_CPU_OMP_THREADS_BIND"] for i in plan.instances]
-    assert envs == ["0", "1"]
 
 
 def test_niceness_per_role(tmp_path):

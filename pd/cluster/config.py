@@ -288,13 +288,11 @@ class ClusterConfig(_Strict):
     ``resources.cpu_cores``. null: those processes run on any core, where they take
     turns with the workers (bench/results/serving.md measures both)."""
 
-    @field_validator("control_cores", mode="before")
+    @field_validator("control_cores")
     @classmethod
-    def _cpu_list(cls, value: Any) -> Any:
-        if isinstance(value, int) and not isinstance(value, bool):
-            value = str(value)  # YAML reads ``control_cores: 1`` as a number
-        if not isinstance(value, str):
-            return value  # None, or the type error pydantic reports
+    def _cpu_list(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         if not parse_cpu_list(value):
             raise ValueError('name at least one core, e.g. "1" or "0-3" (null: any core)')
         return value
