@@ -23,8 +23,8 @@ LAYERS: list[list[str]] = [
 ]
 # The modules every layer may use; they import only each other.
 BASE = {
-    "pd", "pd.affinity", "pd.envs", "pd.log", "pd.registry", "pd.models", "pd.vllm_server",
-    "pd.guardian", "pd.routing_settings",
+    "pd", "pd.envs", "pd.log", "pd.registry", "pd.models", "pd.vllm_server", "pd.guardian",
+    "pd.routing_settings",
 }  # fmt: skip
 # pd.transfer.connector keeps the documented path ``pd.transfer.connector:PDConnector``
 # and forwards it, lazily, to the connector above the roles: the one import allowed

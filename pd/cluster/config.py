@@ -13,7 +13,6 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pd.affinity import parse_cpu_list
 from pd.cluster import kv_events
 from pd.registry import FLOWS, ROUTING_POLICIES, transport_choices
 from pd.routing_settings import KVAwareSettings, kv_aware_default
@@ -281,30 +280,6 @@ class ClusterConfig(_Strict):
     proxy: ProxySpec = Field(default_factory=ProxySpec)
     timeouts: Timeouts = Field(default_factory=Timeouts)
     ray: RaySpec = Field(default_factory=RaySpec)
-    control_cores: str | None = None
-    """Local cluster on CPUs: the cores pd's light processes run on, e.g. ``"1"``: the
-    proxy, Ray's daemons, the instance actors, each vLLM server's API and engine-core
-    processes, the store's threads. vLLM's workers still bind their
-    ``resources.cpu_cores``. null: those processes run on any core, where they take
-    turns with the workers (bench/results/serving.md measures both)."""
-
-    @field_validator("control_cores")
-    @classmethod
-    def _cpu_list(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        if not parse_cpu_list(value):
-            raise ValueError('name at least one core, e.g. "1" or "0-3" (null: any core)')
-        return value
-
-    @model_validator(mode="after")
-    def _control_cores_local(self) -> ClusterConfig:
-        if self.control_cores is not None and self.ray.address is not None:
-            raise ValueError(
-                "control_cores: a local cluster only (a joined cluster's nodes run their "
-                "own Ray daemons); remove it or ray.address"
-            )
-        return self
 
     @field_validator("transport")
     @classmethod

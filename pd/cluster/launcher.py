@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pd.affinity import pin_control_processes
 from pd.cluster.actor import FAILED, READY, InstanceActor, InstanceInfo
 from pd.cluster.placement import PlacementWatch
 from pd.cluster.plan import ClusterPlan, InstancePlan
@@ -67,13 +66,8 @@ class Cluster:
 
         ray_spec = self.plan.config.ray
         self._started_ray = ray_spec.address is None
-        num_cpus = None
         if self._started_ray:
             local_ray_env()
-            if self.plan.control_cores:
-                # Ray would count the control cores alone; its actors need the machine's.
-                num_cpus = len(os.sched_getaffinity(0))
-                pin_control_processes(set(self.plan.control_cores))
         progress(
             "ray: starting a local cluster"
             if self._started_ray
@@ -82,7 +76,6 @@ class Cluster:
         context = ray.init(
             address=ray_spec.address,
             namespace=ray_spec.namespace,
-            num_cpus=num_cpus,
             include_dashboard=True if self._started_ray else None,
             dashboard_host=ray_spec.dashboard_host,
             dashboard_port=ray_spec.dashboard_port,

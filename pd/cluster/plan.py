@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pd.affinity import format_cpu_list, parse_cpu_list
 from pd.cluster import kv_events, kv_size
 from pd.cluster.config import ClusterConfig, ConfigError, RoleSpec
 from pd.models import model_dir
@@ -50,8 +49,6 @@ class ClusterPlan:
     config: ClusterConfig
     instances: list[InstancePlan] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-    # control_cores, checked against this machine's cores; None: the light processes float.
-    control_cores: frozenset[int] | None = None
 
     def by_role(self, role: str) -> list[InstancePlan]:
         return [i for i in self.instances if i.role == role]
@@ -66,11 +63,6 @@ class ClusterPlan:
             + (f"join {c.ray.address}" if c.ray.address else "start a local cluster")
             + f", namespace {c.ray.namespace!r}, dashboard "
             f"http://{c.ray.dashboard_host}:{c.ray.dashboard_port}",
-            *(
-                [f"control processes: cores {format_cpu_list(set(self.control_cores))}"]
-                if self.control_cores
-                else []
-            ),
             "instances:",
         ]
         for inst in self.instances:
@@ -153,25 +145,7 @@ def make_plan(config: ClusterConfig, available_cores: list[int] | None = None) -
             f"proxy.host {config.proxy.host} is reachable from other machines and no API key "
             "is set (proxy.api_key_env): anyone who reaches it can use the model"
         )
-    return ClusterPlan(
-        config=config,
-        instances=instances,
-        warnings=warnings,
-        control_cores=_control_cores(config, cores),
-    )
-
-
-def _control_cores(config: ClusterConfig, cores: list[int]) -> frozenset[int] | None:
-    if config.control_cores is None:
-        return None
-    wanted = parse_cpu_list(config.control_cores)
-    missing = wanted - set(cores)
-    if missing:
-        raise ConfigError(
-            f"control_cores: {format_cpu_list(missing)} not among this machine's cores "
-            f"({format_cpu_list(set(cores))})"
-        )
-    return frozenset(wanted)
+    return ClusterPlan(config=config, instances=instances, warnings=warnings)
 
 
 def _cpus_per_instance(config: ClusterConfig, machine_cpus: int) -> dict[str, float]:

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pd.affinity import move_to_light_cpus
+from pd.store.affinity import allow_all_cpus
 from pd.store.config import StoreConfig
 from pd.store.keys import StoreNamespace, weights_identity
 from pd.store.tiered import PrefixHit
@@ -446,7 +446,7 @@ class StoreWorker:
             self._on_result()
 
     def _load_loop(self) -> None:
-        move_to_light_cpus()  # started by vLLM's pinned main thread: not its core alone
+        allow_all_cpus()  # started by vLLM's pinned main thread: not its core alone
         while (load := self._loads.get()) is not None:
             failed: set[int] = set()
             started = time.perf_counter()
@@ -492,7 +492,7 @@ class StoreWorker:
     def _copy_loop(self) -> None:
         from pd.store.blocks import gather_blocks
 
-        move_to_light_cpus()
+        allow_all_cpus()
         try:
             while (save := self._saves.get()) is not None:
                 started = time.perf_counter()
@@ -523,7 +523,7 @@ class StoreWorker:
             self._put_cond.notify()
 
     def _put_loop(self) -> None:
-        move_to_light_cpus()
+        allow_all_cpus()
         lower_thread_priority(PUTTER_NICE)
         while True:
             with self._put_cond:

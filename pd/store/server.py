@@ -44,9 +44,9 @@ from types import FrameType
 
 import zmq
 
-from pd.affinity import move_to_light_cpus
 from pd.log import setup_logging
 from pd.store import protocol
+from pd.store.affinity import allow_all_cpus
 from pd.store.config import StoreConfig
 from pd.store.disk import DiskTier, DiskTierInUse
 from pd.store.host import HostTier
@@ -408,7 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os._exit(0)  # before any thread or ZMQ context exists; the child keeps the fds
     setup_logging()
     # Started by a vLLM worker's pinned thread, the store would inherit its one core.
-    move_to_light_cpus()
+    allow_all_cpus()
     # A lookup waits for the GIL while a worker copies a block: switch more often.
     sys.setswitchinterval(0.001)
     stop = threading.Event()

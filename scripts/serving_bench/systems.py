@@ -51,11 +51,8 @@ PD_PRIORITY_VARIANTS = {
     # CAP_SYS_NICE): the runs where either system backlogged had a starved prefill worker.
     "pd-zmq-first-token-prefill-nice-5": ("zmq", "first-token", (-5, 0)),
 }
-# control_cores: "1": pd's light processes (proxy, Ray, actors, vLLM API servers and
-# engine cores) on decode's core, off prefill's; the workers bind their own cores.
-PD_PINNED = {"pd-zmq-first-token-control-core1": ("zmq", "first-token", (0, 0))}
 DEFAULT_SYSTEMS = ["colocated", *PD_SYSTEMS, "vllm-pd-stock", "vllm-pd-tuned"]
-ALL_SYSTEMS = [*DEFAULT_SYSTEMS, *PD_PRIORITY_VARIANTS, *PD_PINNED]
+ALL_SYSTEMS = [*DEFAULT_SYSTEMS, *PD_PRIORITY_VARIANTS]
 
 
 def system_order(name: str) -> int:
@@ -132,7 +129,6 @@ class PdServe(System):
                for role, n in zip(("prefill", "decode"), self.niceness, strict=True)},
             "transport": self.transport,
             "proxy": {"flow": self.flow},
-            **({"control_cores": "1"} if self.name in PD_PINNED else {}),
         })  # fmt: skip
 
     def start(self, model: Path, workdir: Path) -> str:
@@ -265,5 +261,5 @@ def make_system(name: str, settings: Settings) -> System:
         return Colocated(settings)
     if name in ("vllm-pd-stock", "vllm-pd-tuned"):
         return StockVllmPD(settings, tuned=name == "vllm-pd-tuned")
-    transport, flow, niceness = {**PD_SYSTEMS, **PD_PRIORITY_VARIANTS, **PD_PINNED}[name]
+    transport, flow, niceness = {**PD_SYSTEMS, **PD_PRIORITY_VARIANTS}[name]
     return PdServe(settings, name, transport, flow, niceness)

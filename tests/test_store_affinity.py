@@ -1,6 +1,5 @@
-"""pd's light processes and threads are not left on the one core of whoever started
-them (vLLM's worker pins its main thread, which starts the store's), and follow the
-cluster's control cores where pd-serve names them."""
+"""The store's processes and threads are not left on the one core of whoever started
+them (vLLM's worker pins its main thread, which starts them)."""
 
 from __future__ import annotations
 
@@ -15,15 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from pd.affinity import (
-    CONTROL_CORES_ENV,
-    format_cpu_list,
-    light_cpus,
-    move_to_light_cpus,
-    node_cpus,
-    parse_cpu_list,
-)
 from pd.connector.store_side import StoreWorker
+from pd.store.affinity import _parse_list, allow_all_cpus, node_cpus
 from pd.store.client import StoreClient
 from pd.store.config import StoreConfig
 from pd.store.spawn import ensure_server, ping
@@ -62,29 +54,16 @@ def on_one_cpu(body: Callable[[], object]) -> object:
     return out[0]
 
 
-def test_cpu_lists_parse_and_format() -> None:
-    assert parse_cpu_list("0-3,6\n") == {0, 1, 2, 3, 6}
-    assert parse_cpu_list("1") == {1}
-    assert parse_cpu_list("") == set()
-    assert format_cpu_list({0, 1, 2, 3, 6}) == "0-3,6"
-    assert format_cpu_list({1}) == "1"
-    for bad in ("a", "3-1", "-1", "0-x"):
-        with pytest.raises(ValueError, match=repr(bad.split(",")[0])):
-            parse_cpu_list(bad)
-
-
-def test_light_cpus_are_the_control_cores_when_pd_serve_names_them(monkeypatch) -> None:
-    assert light_cpus() == node_cpus()
-    monkeypatch.setenv(CONTROL_CORES_ENV, str(max(node_cpus())))
-    assert light_cpus() == {max(node_cpus())}
-    monkeypatch.setenv(CONTROL_CORES_ENV, "9999")  # not on this node: ignored
-    assert light_cpus() == node_cpus()
+def test_cpu_lists_parse() -> None:
+    assert _parse_list("0-3,6\n") == {0, 1, 2, 3, 6}
+    assert _parse_list("1") == {1}
+    assert _parse_list("") == set()
 
 
 def test_a_pinned_thread_gets_every_cpu_back() -> None:
     def unpinned() -> set[int]:
         assert os.sched_getaffinity(0) == ONE_CPU
-        move_to_light_cpus()
+        allow_all_cpus()
         return os.sched_getaffinity(0)
 
     assert on_one_cpu(unpinned) == node_cpus()
