@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 
 import pytest
@@ -32,3 +33,17 @@ def test_unloadable_model_fails_clearly_and_leaves_nothing(tmp_path):
         text=True,
     ).stdout
     assert leftovers == "", leftovers
+
+
+def test_taken_proxy_port_fails_before_anything_starts(tmp_path):
+    """The proxy's port is bound first: taken, pd-serve says so and starts no instance."""
+    never_loaded = tmp_path / "never-loaded"
+    never_loaded.mkdir()
+    (never_loaded / "config.json").write_text("{}")
+    config = {"model": {"path": str(never_loaded), "served_name": "taken-port"}}
+    serve = PdServeProcess(config, tmp_path, split_stderr=True)
+    with socket.create_server(("127.0.0.1", serve.port)):
+        returncode = serve.start().wait_exit(timeout_s=120)
+    assert returncode == 1, serve.log(2000) + serve.stderr()[-2000:]
+    assert f"proxy.port: 127.0.0.1:{serve.port} is already in use" in serve.stderr()
+    assert "starting" not in serve.log(), serve.log(2000)  # no instance, no Ray

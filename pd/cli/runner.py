@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import logging
 import signal
+import socket
 import sys
 from typing import Any
 
@@ -46,8 +48,38 @@ def _raise_stop(signum, frame) -> None:
     raise Stop
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """The proxy's listening socket, bound before anything starts: a port that is taken
+    fails pd-serve at once, not after the instances took a minute to start, and nothing
+    started meanwhile (Ray, vLLM: both bind ephemeral ports) can take it."""
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    return socket.create_server((host, port), family=family[0][0], backlog=2048)
+
+
+def _listen_error(host: str, port: int, error: OSError) -> str:
+    if error.errno == errno.EADDRINUSE:
+        return (
+            f"proxy.port: {host}:{port} is already in use; stop what listens there or "
+            "choose another port (proxy.port in cluster.yaml, or --port)"
+        )
+    return f"proxy.host/proxy.port: cannot listen on {host}:{port}: {error.strerror or error}"
+
+
 def run_cluster(plan: ClusterPlan) -> int:
     setup_logging()
+    config = plan.config
+    try:
+        listener = listen(config.proxy.host, config.proxy.port)
+    except OSError as e:
+        print(
+            f"pd-serve: {_listen_error(config.proxy.host, config.proxy.port, e)}", file=sys.stderr
+        )
+        return 1
+    with listener:
+        return _run(plan, listener)
+
+
+def _run(plan: ClusterPlan, listener: socket.socket) -> int:
     # uvicorn drains on SIGINT/SIGTERM, then re-raises the signal once it has stopped;
     # both must then end in the clean shutdown below, not in Python's default exit.
     signal.signal(signal.SIGTERM, _raise_stop)
@@ -67,7 +99,7 @@ def run_cluster(plan: ClusterPlan) -> int:
         return 130
     signal.signal(signal.SIGTERM, _raise_stop)  # ray.init installed its own (sys.exit(15))
     try:
-        return asyncio.run(_serve(cluster, plan))
+        return asyncio.run(_serve(cluster, plan, listener))
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM after uvicorn drained
         return 0
     finally:
@@ -77,7 +109,7 @@ def run_cluster(plan: ClusterPlan) -> int:
         print("pd-serve: stopped", flush=True)
 
 
-async def _serve(cluster: Cluster, plan: ClusterPlan) -> int:
+async def _serve(cluster: Cluster, plan: ClusterPlan, listener: socket.socket) -> int:
     config = plan.config
     # Idle connections are dropped before vLLM's server drops them (its keep-alive is
     # VLLM_HTTP_TIMEOUT_KEEP_ALIVE, 5 s by default): reusing one the server is closing
@@ -138,7 +170,7 @@ async def _serve(cluster: Cluster, plan: ClusterPlan) -> int:
         # requests made since, and pauses the requests in flight (their routing) less.
         gc.collect()
         gc.freeze()
-        await server.serve()
+        await server.serve(sockets=[listener])
         return 0 if server.started else 1
 
 

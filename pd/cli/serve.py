@@ -5,7 +5,8 @@
 The proxy runs in this process (not as a Ray actor): it is on every request's path,
 holds no state worth replicating, and living next to the launcher lets one
 Ctrl-C drain requests, stop every instance and stop Ray in order. Exit codes: 0 after
-a clean shutdown, 1 when the cluster could not start, 2 for a bad config.
+a clean shutdown, 1 when the cluster could not start (the proxy's port taken
+included), 2 for a bad config.
 """
 
 from __future__ import annotations
