@@ -97,6 +97,9 @@ def check_bench_serving(run: subprocess.CompletedProcess[str], out: Path) -> Non
     overhead = data["overhead"][system]
     key = "first_token_timeline" if "first-token" in system else "timeline"
     assert overhead.get(key, {}).get("requests", 0) > 0, overhead
+    # The first token's way through the proxy and the instances, hop by hop
+    hops = row["proxy_wait_mean_ms"], row["instance_wait_mean_ms"]["prefill"]
+    assert hops[0]["ttft"] >= hops[0]["prefill_leg"] >= hops[1]["server_ttft"] > 0, hops
     assert f"| smoke | {system} |" in (out / "serving.md").read_text()
     assert (out / "serving.png").stat().st_size > 0
 

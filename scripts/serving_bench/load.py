@@ -65,6 +65,9 @@ def run_workload(
                 p.wait()
             return {"error": output.decode(errors="replace")[-1500:]}
     result: dict[str, Any] = json.loads(main_out.read_text())
+    if workload.background:  # the instances' and proxy's means cover both streams
+        background = json.loads((workdir / f"{workload.name}-bg.json").read_text())
+        result["background"] = {k: background.get(k) for k in ("completed", "mean_ttft_ms")}
     return result
 
 
@@ -80,6 +83,7 @@ def measure(
     load_before = os.getloadavg()[0]
     instances = {"decode": system.decode_url, "prefill": system.prefill_url}
     waits = {role: (url, scrape.wait_totals(url)) for role, url in instances.items() if url}
+    proxy_waits = scrape.wait_totals(url, scrape.PROXY_WAITS) if system.is_pd else None
     with CpuMeter() as meter:
         result = run_workload(url, model, settings, workload, workdir, seed)
     # Other work on the machine shows here first (the run's own processes count too).
@@ -92,6 +96,9 @@ def measure(
         role: scrape.wait_means_ms(before, scrape.wait_totals(url))
         for role, (url, before) in waits.items()
     }
+    if proxy_waits is not None:
+        after = scrape.wait_totals(url, scrape.PROXY_WAITS)
+        result["proxy_wait_mean_ms"] = scrape.wait_means_ms(proxy_waits, after, scrape.PROXY_WAITS)
     result["engine_itl_ms_at_most"] = {
         f"p{q}": scrape.bucket_quantile_ms(itl_before, itl_after, q / 100) for q in (50, 90, 99)
     }

@@ -107,25 +107,49 @@ def load_average_lines(results: Results) -> list[str]:
 
 
 def wait_table(results: Results) -> list[str]:
-    """Where the requests queued: each P/D instance's mean wait to be scheduled and its
-    mean time from scheduled to first token (vLLM's per-request histograms)."""
+    """Where the first token's time went, hop by hop: the client's mean TTFT, pd's proxy
+    (its TTFT and its prefill leg), and each P/D instance's server and engine (vLLM's
+    per-request histograms), all as means over the same requests."""
+    nan = float("nan")
     rows = []
     for w in _workloads(results):
         for system, r in results[w].items():
             waits = r.get("instance_wait_mean_ms") or {}
             if "prefill" not in waits:
                 continue
-            cells = [f"{waits.get(role, {}).get(key, float('nan')):.0f}"
-                     for role in ("prefill", "decode") for key in ("queue", "prefill")]  # fmt: skip
+            proxy = r.get("proxy_wait_mean_ms") or {}
+            cells = [f"{client_mean_ttft_ms(r):.0f}",
+                     *(f"{proxy[k]:.0f}" if k in proxy else "-" for k in ("ttft", "prefill_leg")),
+                     *(f"{waits.get(role, {}).get(key, nan):.0f}" for role in ("prefill", "decode")
+                       for key in ("server_ttft", "queue", "prefill"))]  # fmt: skip
             rows.append(f"| {w} | {system} | " + " | ".join(cells) + " |")
     if not rows:
         return []
-    return ["", "Where the requests waited, P/D systems, mean ms per request (vLLM's "
-            "`request_queue_time` and `request_prefill_time` on each instance; decode's "
-            "queue includes the KV load; a mixed workload's numbers cover both streams):", "",
-            "| workload | system | prefill: queued | prefill: computing | decode: queued "
-            "| decode: to first token |", "| --- | --- | ---: | ---: | ---: | ---: |",
+    return ["", "Where the first token's time went, P/D systems, mean ms per request, from "
+            "the outside in: the client's TTFT; pd's proxy, from receiving the request to "
+            "sending the first token, and its prefill leg (HTTP both ways included); each "
+            "instance's server, from receiving the request to its first token leaving the "
+            "engine (vLLM's `time_to_first_token`: HTTP and tokenizing excluded), and of "
+            "that the engine's queue (decode's includes the KV load) and its time from "
+            "scheduling to the first token (`request_prefill_time`). With pd's first-token "
+            "flow, decode's first token is the client's second. A mixed workload's numbers "
+            "cover both streams, the client's too:", "",
+            "| workload | system | client TTFT | proxy TTFT | proxy: prefill leg "
+            "| prefill server TTFT | prefill: queued | prefill: computing "
+            "| decode server TTFT | decode: queued | decode: computing |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
             *rows]  # fmt: skip
+
+
+def client_mean_ttft_ms(r: dict[str, Any]) -> float:
+    """The client's mean TTFT over both streams of a mixed workload (runs before
+    2026-12-06 recorded only the main stream's: then that)."""
+    background = r.get("background") or {}
+    done, mean = r.get("completed") or 0, r.get("mean_ttft_ms", float("nan"))
+    if background.get("completed") and background.get("mean_ttft_ms") is not None:
+        other = background["completed"]
+        return (done * mean + other * background["mean_ttft_ms"]) / (done + other)
+    return float(mean)
 
 
 def handoff_lines(results: Results) -> list[str]:

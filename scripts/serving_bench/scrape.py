@@ -51,24 +51,34 @@ def decode_sums(decode_url: str) -> dict[str, float]:
 WAITS = {
     "queue": "vllm:request_queue_time_seconds",  # arrival -> scheduled (a KV load included)
     "prefill": "vllm:request_prefill_time_seconds",  # scheduled -> first token
+    # the server got the request -> its first token left the engine (the HTTP and
+    # tokenizing on either side excluded); minus the two above: IPC and engine steps
+    "server_ttft": "vllm:time_to_first_token_seconds",
+}
+# The same read from pd's proxy: the first token's way through it.
+PROXY_WAITS = {
+    "ttft": "pd_time_to_first_token_seconds",  # the proxy got the request -> sent token 1
+    "prefill_leg": "pd_prefill_seconds",  # the prefill leg, its HTTP both ways included
 }
 
 
-def wait_totals(url: str) -> dict[str, float]:
-    """The instance's running ``<key>_sum`` and ``<key>_count`` of WAITS."""
-    totals = {f"{k}_{part}": 0.0 for k in WAITS for part in ("sum", "count")}
+def wait_totals(url: str, names: dict[str, str] = WAITS) -> dict[str, float]:
+    """The running ``<key>_sum`` and ``<key>_count`` of ``names`` at ``url``."""
+    totals = {f"{k}_{part}": 0.0 for k in names for part in ("sum", "count")}
     for line in metrics_text(url).splitlines():
-        for key, name in WAITS.items():
+        for key, name in names.items():
             for part in ("sum", "count"):
                 if line.startswith(f"{name}_{part}"):
                     totals[f"{key}_{part}"] += float(line.rsplit(" ", 1)[1])
     return totals
 
 
-def wait_means_ms(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+def wait_means_ms(
+    before: dict[str, float], after: dict[str, float], names: dict[str, str] = WAITS
+) -> dict[str, float]:
     """Mean ms per request finished between two wait_totals() readings."""
     means = {}
-    for key in WAITS:
+    for key in names:
         count = after[f"{key}_count"] - before[f"{key}_count"]
         if count > 0:
             means[key] = round(1000 * (after[f"{key}_sum"] - before[f"{key}_sum"]) / count, 1)

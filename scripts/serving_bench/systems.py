@@ -7,6 +7,8 @@ pd-<transport>-<flow>
 pd-nixl-sequential-nice15, pd-nixl-sequential-prefill-nice10
                 (only when named) the same with the instances' CPU priority changed:
                 both at Ray's worker default, or prefill below decode
+pd-zmq-first-token-kv-aware
+                (only when named) pd's default with ``routing: kv_aware``
 vllm-pd-stock   vLLM prefill + decode with NixlConnector, behind the minimal proxy
                 below (vLLM's disaggregation protocol), as shipped
 vllm-pd-tuned   the same with its two CPU defects neutralized
@@ -51,8 +53,11 @@ PD_PRIORITY_VARIANTS = {
     # CAP_SYS_NICE): the runs where either system backlogged had a starved prefill worker.
     "pd-zmq-first-token-prefill-nice-5": ("zmq", "first-token", (-5, 0)),
 }
+# Not run by default: pd's default with another routing policy (kv_aware's conditional
+# disaggregation serves short prompts on decode alone, docs/routing.md).
+PD_ROUTING_VARIANTS = {"pd-zmq-first-token-kv-aware": "kv_aware"}
 DEFAULT_SYSTEMS = ["colocated", *PD_SYSTEMS, "vllm-pd-stock", "vllm-pd-tuned"]
-ALL_SYSTEMS = [*DEFAULT_SYSTEMS, *PD_PRIORITY_VARIANTS]
+ALL_SYSTEMS = [*DEFAULT_SYSTEMS, *PD_PRIORITY_VARIANTS, *PD_ROUTING_VARIANTS]
 
 
 def system_order(name: str) -> int:
@@ -109,13 +114,20 @@ class PdServe(System):
     timeline: Path | None = None
 
     def __init__(
-        self, settings: Settings, name: str, transport: str, flow: str, niceness: tuple[int, int]
+        self,
+        settings: Settings,
+        name: str,
+        transport: str,
+        flow: str,
+        niceness: tuple[int, int],
+        routing: str = "round_robin",
     ) -> None:
         super().__init__(settings)
         self.name = name
         self.transport = transport
         self.flow = flow
         self.niceness = niceness  # (prefill, decode): resources.niceness
+        self.routing = routing
 
     def config(self, model: Path) -> dict[str, Any]:
         s = self.settings
@@ -128,7 +140,7 @@ class PdServe(System):
                                     "niceness": n}}
                for role, n in zip(("prefill", "decode"), self.niceness, strict=True)},
             "transport": self.transport,
-            "proxy": {"flow": self.flow},
+            "proxy": {"flow": self.flow, "routing": self.routing},
         })  # fmt: skip
 
     def start(self, model: Path, workdir: Path) -> str:
@@ -261,5 +273,7 @@ def make_system(name: str, settings: Settings) -> System:
         return Colocated(settings)
     if name in ("vllm-pd-stock", "vllm-pd-tuned"):
         return StockVllmPD(settings, tuned=name == "vllm-pd-tuned")
+    if name in PD_ROUTING_VARIANTS:
+        return PdServe(settings, name, *PD_SYSTEMS[PD_DEFAULT], routing=PD_ROUTING_VARIANTS[name])
     transport, flow, niceness = {**PD_SYSTEMS, **PD_PRIORITY_VARIANTS}[name]
     return PdServe(settings, name, transport, flow, niceness)
