@@ -82,7 +82,7 @@ def measure(
     itl_before = scrape.engine_itl_buckets(system.decode_url)
     load_before = os.getloadavg()[0]
     instances = {"decode": system.decode_url, "prefill": system.prefill_url}
-    waits = {role: (url, scrape.wait_totals(url)) for role, url in instances.items() if url}
+    waits = {role: (at, scrape.wait_totals(at)) for role, at in instances.items() if at}
     proxy_waits = scrape.wait_totals(url, scrape.PROXY_WAITS) if system.is_pd else None
     with CpuMeter() as meter:
         result = run_workload(url, model, settings, workload, workdir, seed)
@@ -93,8 +93,8 @@ def measure(
     itl_after = scrape.engine_itl_buckets(system.decode_url)
     # Which instance the requests queued on (a backlog shows here as a growing queue).
     result["instance_wait_mean_ms"] = {
-        role: scrape.wait_means_ms(before, scrape.wait_totals(url))
-        for role, (url, before) in waits.items()
+        role: scrape.wait_means_ms(before, scrape.wait_totals(at))
+        for role, (at, before) in waits.items()
     }
     if proxy_waits is not None:
         after = scrape.wait_totals(url, scrape.PROXY_WAITS)
